@@ -1,0 +1,77 @@
+"""Vector fields f_θ(t, y) for neural ODEs, as Equinox modules.
+
+A field is called as `field(t, y, args)`, the signature of `diffrax.ODETerm`, so it can be
+passed straight to `diffrax.ODETerm(field)`.
+"""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+
+class MLPField(eqx.Module):
+    """A multilayer perceptron vector field dy/dt = MLP([y, t]).
+
+    The MLP acts on the last axis of `y`; leading axes (a batch of states solved as one
+    ODE) are mapped over, so `y` may have shape `(state_dim,)` or `(..., state_dim)`.
+
+    **Arguments:**
+
+    - `state_dim`: size of the last axis of the state `y`.
+    - `width`: width of every hidden layer.
+    - `depth`: number of hidden layers (`depth=2` means two hidden layers, three linear
+        maps).
+    - `activation`: the hidden activation, `tanh` by default (smooth, as an ODE's right
+        hand side should be).
+    - `time_dependent`: if `True`, `t` is appended to the input of the MLP.
+    - `key`: a `jax.random` key for the initial weights.
+    """
+
+    mlp: eqx.nn.MLP
+    time_dependent: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        state_dim: int,
+        width: int,
+        depth: int,
+        *,
+        activation: Callable[[Array], Array] = jnp.tanh,
+        time_dependent: bool = False,
+        key: PRNGKeyArray,
+    ):
+        for name, value in (("state_dim", state_dim), ("width", width)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"MLPField: `{name}` must be a positive int, got {value!r}.")
+        if not (isinstance(depth, int) and depth >= 0):
+            raise ValueError(f"MLPField: `depth` must be an int >= 0, got {depth!r}.")
+        self.time_dependent = time_dependent
+        self.mlp = eqx.nn.MLP(
+            in_size=state_dim + int(time_dependent),
+            out_size=state_dim,
+            width_size=width,
+            depth=depth,
+            activation=activation,
+            key=key,
+        )
+
+    def __call__(
+        self, t: ArrayLike, y: Float[Array, "... state_dim"], args=None
+    ) -> Float[Array, "... state_dim"]:
+        del args
+        if y.shape[-1:] != (self.mlp.out_size,):
+            raise ValueError(
+                f"MLPField: expected a state whose last axis has size "
+                f"{self.mlp.out_size}, got shape {y.shape}."
+            )
+
+        def single(y_i):
+            if self.time_dependent:
+                y_i = jnp.concatenate([y_i, jnp.reshape(t, (1,)).astype(y_i.dtype)])
+            return self.mlp(y_i)
+
+        flat = y.reshape(-1, y.shape[-1])
+        return jax.vmap(single)(flat).reshape(y.shape)

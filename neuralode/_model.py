@@ -1,0 +1,88 @@
+"""`NeuralODE`: a vector field, a Diffrax solver, a step-size controller and a gradient
+strategy, mapping y0 to y(ts)."""
+
+import diffrax
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, PyTree
+
+from .adjoints import get_adjoint
+
+
+class NeuralODE(eqx.Module):
+    """The neural ODE dy/dt = field(t, y, args), solved from `ts[0]` and saved at `ts`.
+
+    **Arguments:**
+
+    - `field`: the vector field, called as `field(t, y, args)` (e.g. `neuralode.MLPField`).
+    - `solver`: a Diffrax solver; `diffrax.Tsit5()` by default.
+    - `adjoint`: the gradient strategy: a name from `neuralode.ADJOINT_NAMES` or any
+        `diffrax.AbstractAdjoint`. `"symplectic"` by default.
+    - `stepsize_controller`: `diffrax.ConstantStepSize()` by default (then `dt0` is
+        needed), or e.g. `diffrax.PIDController(rtol=1e-5, atol=1e-5)`.
+    - `dt0`: the initial (or constant) step size; `None` lets an adaptive controller choose.
+    - `max_steps`: the bound on steps. The memory of `backprop` and `symplectic` is
+        proportional to it, so keep it near the steps you need.
+
+    Call it as `model(ts, y0, args=None)` to get `ys` of shape `(len(ts), *y0.shape)`;
+    `model.solve(ts, y0, args)` returns the whole `diffrax.Solution` (with its step
+    statistics). It works under `jax.jit`, `jax.vmap` and `eqx.filter_grad`.
+    """
+
+    field: eqx.Module
+    solver: diffrax.AbstractSolver
+    adjoint: diffrax.AbstractAdjoint
+    stepsize_controller: diffrax.AbstractStepSizeController
+    dt0: float | None = eqx.field(static=True)
+    max_steps: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        field,
+        *,
+        solver: diffrax.AbstractSolver | None = None,
+        adjoint: str | diffrax.AbstractAdjoint = "symplectic",
+        stepsize_controller: diffrax.AbstractStepSizeController | None = None,
+        dt0: float | None = None,
+        max_steps: int = 4096,
+    ):
+        self.field = field
+        self.solver = diffrax.Tsit5() if solver is None else solver
+        self.adjoint = get_adjoint(adjoint) if isinstance(adjoint, str) else adjoint
+        if stepsize_controller is None:
+            stepsize_controller = diffrax.ConstantStepSize()
+        self.stepsize_controller = stepsize_controller
+        if isinstance(stepsize_controller, diffrax.ConstantStepSize) and dt0 is None:
+            raise ValueError(
+                "NeuralODE: a constant step size needs `dt0`; pass dt0=... or an adaptive "
+                "stepsize_controller such as diffrax.PIDController(rtol=1e-5, atol=1e-5)."
+            )
+        if not (isinstance(max_steps, int) and max_steps >= 1):
+            raise ValueError(f"NeuralODE: `max_steps` must be a positive int, got {max_steps!r}.")
+        self.dt0 = dt0
+        self.max_steps = max_steps
+
+    def solve(
+        self, ts: Float[ArrayLike, " times"], y0: PyTree[Array], args=None
+    ) -> diffrax.Solution:
+        ts = jnp.asarray(ts)
+        if ts.ndim != 1 or ts.shape[0] < 2:
+            raise ValueError(
+                f"NeuralODE: `ts` must be a 1-D array of at least two times, got shape {ts.shape}."
+            )
+        return diffrax.diffeqsolve(
+            diffrax.ODETerm(self.field),
+            self.solver,
+            t0=ts[0],
+            t1=ts[-1],
+            dt0=self.dt0,
+            y0=y0,
+            args=args,
+            saveat=diffrax.SaveAt(ts=ts),
+            stepsize_controller=self.stepsize_controller,
+            adjoint=self.adjoint,
+            max_steps=self.max_steps,
+        )
+
+    def __call__(self, ts: Float[ArrayLike, " times"], y0: PyTree[Array], args=None):
+        return self.solve(ts, y0, args).ys

@@ -1,0 +1,98 @@
+"""The gradient strategies, each a `diffrax.AbstractAdjoint`, and the one registry of their
+names: `get_adjoint(name, **options)`."""
+
+import diffrax
+
+from ._backprop import BackpropAdjoint as BackpropAdjoint
+from ._symplectic import SymplecticAdjoint as SymplecticAdjoint
+
+
+def _backprop(**options) -> diffrax.AbstractAdjoint:
+    _check_options("backprop", options, ())
+    return BackpropAdjoint()
+
+
+def _symplectic(**options) -> diffrax.AbstractAdjoint:
+    _check_options("symplectic", options, ())
+    return SymplecticAdjoint()
+
+
+_CONTINUOUS_OPTIONS = (
+    "rtol", "atol", "seminorm", "solver", "stepsize_controller", "dt0", "max_steps"
+)
+
+
+def _continuous(**options) -> diffrax.AbstractAdjoint:
+    """`diffrax.BacksolveAdjoint`. `rtol`/`atol` set a `PIDController` for the backward
+    solve; `seminorm=True` measures its error only on the state and adjoint state, not on
+    the parameter cotangents (Kidger, Chen & Lyons 2021), which needs `rtol` and `atol`.
+    Without them the backward solve reuses the forward solve's solver and step control."""
+    _check_options("continuous", options, _CONTINUOUS_OPTIONS)
+    rtol = options.pop("rtol", None)
+    atol = options.pop("atol", None)
+    seminorm = options.pop("seminorm", False)
+    if (rtol is None) != (atol is None):
+        raise ValueError("get_adjoint('continuous'): pass both `rtol` and `atol`, or neither.")
+    if rtol is not None:
+        if "stepsize_controller" in options:
+            raise ValueError(
+                "get_adjoint('continuous'): pass either `rtol`/`atol` or "
+                "`stepsize_controller`, not both."
+            )
+        norm = diffrax.adjoint_rms_seminorm if seminorm else diffrax.rms_norm
+        options["stepsize_controller"] = diffrax.PIDController(
+            rtol=rtol, atol=atol, norm=norm
+        )
+    elif seminorm:
+        raise ValueError(
+            "get_adjoint('continuous', seminorm=True) needs `rtol` and `atol`: the "
+            "seminorm is a norm for the adaptive backward solve's error control."
+        )
+    return diffrax.BacksolveAdjoint(**options)
+
+
+def _check_options(name: str, options: dict, valid: tuple[str, ...]) -> None:
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"get_adjoint({name!r}) got unknown option(s) {unknown}; valid options are "
+            f"{list(valid)}."
+        )
+
+
+_REGISTRY = {
+    "backprop": _backprop,
+    "continuous": _continuous,
+    "symplectic": _symplectic,
+}
+
+ADJOINT_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def get_adjoint(name: str, **options) -> diffrax.AbstractAdjoint:
+    """The gradient strategy called `name`, configured by `options`.
+
+    **Arguments:**
+
+    - `name`: one of `neuralode.ADJOINT_NAMES`: `"backprop"` (every intermediate kept),
+        `"continuous"` (`diffrax.BacksolveAdjoint`: continuous adjoint, approximate),
+        `"symplectic"` (`neuralode.SymplecticAdjoint`: exact, memory-lean).
+    - `options`: for `"continuous"`: `rtol`, `atol`, `seminorm`, `solver`,
+        `stepsize_controller`, `dt0`, `max_steps` of the backward solve. The others take
+        none.
+
+    **Returns:**
+
+    A `diffrax.AbstractAdjoint`, to pass as `diffrax.diffeqsolve(..., adjoint=...)`.
+
+    ```python
+    adjoint = neuralode.get_adjoint("continuous", rtol=1e-6, atol=1e-6, seminorm=True)
+    ```
+    """
+    try:
+        make = _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Unknown adjoint {name!r}; valid names are {list(ADJOINT_NAMES)}."
+        ) from None
+    return make(**options)

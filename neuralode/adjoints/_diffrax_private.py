@@ -1,0 +1,32 @@
+"""The one place that touches Diffrax internals.
+
+Tested against diffrax 0.7.2 (pinned in pyproject.toml). Everything else in neuralode
+uses Diffrax's public API. What is borrowed, and why:
+
+- `loop`: the solve loop `diffeqsolve` hands to an adjoint (also reached as the
+  `AbstractAdjoint._loop` property); a custom VJP must call it itself.
+- `SaveState`: the custom adjoint adds a `SubSaveAt(steps=True)` to record each accepted
+  step, and must allocate its buffer in the loop's state the way `diffeqsolve` does.
+- `only_transpose_ys`, `nondiff_solver_controller_state`: the same guards that
+  `diffrax.BacksolveAdjoint` puts around its custom VJP (only the saved `ys` carry
+  cotangents; a user-passed solver/controller state is not differentiable).
+- `is_sde`, `is_unsafe_sde`, `save_y`: to recognise what the symplectic adjoint refuses.
+"""
+
+from diffrax._adjoint import (
+    _nondiff_solver_controller_state as nondiff_solver_controller_state,
+    _only_transpose_ys as only_transpose_ys,
+)
+from diffrax._heuristics import is_sde as is_sde, is_unsafe_sde as is_unsafe_sde
+from diffrax._integrate import loop as loop, SaveState as SaveState
+from diffrax._saveat import save_y as save_y
+
+__all__ = [
+    "SaveState",
+    "is_sde",
+    "is_unsafe_sde",
+    "loop",
+    "nondiff_solver_controller_state",
+    "only_transpose_ys",
+    "save_y",
+]

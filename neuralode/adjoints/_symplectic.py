@@ -1,0 +1,360 @@
+"""The symplectic adjoint: the exact gradient of an explicit Runge--Kutta solve in
+O(n·d + s·d + m·d) memory.
+
+The gradient of the *discretised* solve is the symplectic partitioned Runge--Kutta
+method paired with the forward solver (Sanz-Serna 2016; Matsubara, Miyatake & Yaguchi
+2021). Here it is computed as reverse mode of each explicit RK step, stage by stage
+(the formula is in `_tableau.py`), on this schedule:
+
+- forward: Diffrax's own solve loop, recording only (t_n, y_n) of each accepted step
+  (n·|y| memory, no activations of f);
+- backward, steps last to first: recompute the stage increments k_1..k_s of the step
+  (s·|y|), pull the cotangent of any `SaveAt(ts=...)` output inside the step back
+  through Diffrax's interpolation, then run the s VJPs of f one at a time, so that only
+  one evaluation of f has live activations (m·d).
+
+The accepted step sizes are constants of the discretisation (Diffrax's adaptive
+controllers stop gradients through their error estimates), so the result equals
+`diffrax.RecursiveCheckpointAdjoint` on the same call, to rounding.
+"""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import equinox.internal as eqxi
+import functools as ft
+
+from . import _diffrax_private as private
+from ._tableau import ExplicitTableau, explicit_tableau, pullback_stages, recompute_stages
+
+_lax_while_loop = ft.partial(eqxi.while_loop, kind="lax")
+
+
+class SymplecticAdjoint(diffrax.AbstractAdjoint):
+    """Exact gradients of an explicit Runge--Kutta solve, in memory that grows by one
+    state per step.
+
+    Use it as `diffrax.diffeqsolve(..., adjoint=neuralode.SymplecticAdjoint())`. It
+    returns the same solution and, to rounding, the same gradients as
+    `diffrax.RecursiveCheckpointAdjoint()` with respect to `y0`, `args` and the
+    parameters inside `terms`, for every explicit RK solver (Euler, Heun, Midpoint,
+    Ralston, Bosh3, Tsit5, Dopri5, Dopri8, or a `diffrax.AbstractERK` with your own
+    `ButcherTableau`), with constant or adaptive steps, `SaveAt(t0=..., t1=..., ts=...)`
+    and integration in either direction. SDEs solved by an explicit RK solver over a
+    fixed Brownian path (e.g. `diffrax.VirtualBrownianTree`) are covered by the same
+    formula.
+
+    Memory: the forward pass stores (t_n, y_n) for `max_steps` steps, so keep
+    `max_steps` near the number of steps needed; the backward pass holds one step's
+    stages and one evaluation of f's activations. Compute: each step's stages are
+    evaluated three times (forward, recompute, and inside their VJP).
+
+    !!! warning
+
+        Reverse mode only, first order only: `jax.jvp` raises, and so does
+        differentiating the gradient again. Use `diffrax.ForwardMode()` or
+        `diffrax.DirectAdjoint()` for forward mode. Events, implicit solvers,
+        `SaveAt(dense=True)`, `SaveAt(steps=...)`, `SaveAt(fn=...)`, `SaveAt(subs=...)`,
+        a passed `solver_state` and `max_steps=None` are refused with an error that
+        names an alternative. Gradients with respect to `t0`, `t1`, `dt0` or
+        `SaveAt(ts=...)`, or to arrays closed over by the vector field (rather than held
+        in `terms` or passed as `args`), are not computed: JAX raises a
+        `CustomVJPException` (put them in `args`, or use `eqx.filter_closure_convert`).
+
+    ??? cite "References"
+
+        ```bibtex
+        @inproceedings{matsubara2021symplectic,
+            title = {The Symplectic Adjoint Method: Memory-Efficient Backpropagation of
+                     Neural-Network-Based Differential Equations},
+            author = {Matsubara, Takashi and Miyatake, Yuto and Yaguchi, Takaharu},
+            booktitle = {Advances in Neural Information Processing Systems},
+            year = {2021},
+            note = {Extended in IEEE Trans. Neural Netw. Learn. Syst., 2023,
+                    doi:10.1109/TNNLS.2023.3242345},
+        }
+
+        @article{sanzserna2016symplectic,
+            title = {Symplectic Runge--Kutta Schemes for Adjoint Equations, Automatic
+                     Differentiation, Optimal Control, and More},
+            author = {Sanz-Serna, J. M.},
+            journal = {SIAM Review},
+            volume = {58},
+            number = {1},
+            pages = {3--33},
+            year = {2016},
+        }
+        ```
+    """
+
+    def loop(
+        self,
+        *,
+        args,
+        terms,
+        solver,
+        event,
+        saveat,
+        max_steps,
+        throw,
+        init_state,
+        passed_solver_state,
+        passed_controller_state,
+        **kwargs,
+    ):
+        del throw
+        tableau = _check_supported(
+            terms, solver, event, saveat, max_steps, passed_solver_state
+        )
+        y0 = init_state.y
+        init_state = eqx.tree_at(lambda s: s.y, init_state, object())
+        init_state = private.nondiff_solver_controller_state(
+            self, init_state, passed_solver_state, passed_controller_state
+        )
+        try:
+            final_state, aux_stats = _symplectic_loop(
+                (y0, args, terms),
+                tableau=tableau,
+                solver=solver,
+                event=event,
+                saveat=saveat,
+                max_steps=max_steps,
+                init_state=init_state,
+                **kwargs,
+            )
+        except TypeError as e:
+            if "forward-mode" not in str(e):
+                raise
+            raise TypeError(
+                "SymplecticAdjoint is reverse mode only: it cannot be used under "
+                "`jax.jvp`/`jax.jacfwd`. Use `adjoint=diffrax.ForwardMode()` (or "
+                "`diffrax.DirectAdjoint()` for both modes)."
+            ) from e
+        return private.only_transpose_ys(final_state), aux_stats
+
+
+def _refuse(what: str, instead: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"SymplecticAdjoint does not support {what}. Use {instead} instead."
+    )
+
+
+def _check_supported(terms, solver, event, saveat, max_steps, passed_solver_state):
+    """Refuse, at trace time, everything this adjoint would not differentiate exactly."""
+    rca = "`adjoint=diffrax.RecursiveCheckpointAdjoint()`"
+    if event is not None:
+        raise _refuse("events (`diffeqsolve(..., event=...)`)", rca)
+    if max_steps is None:
+        raise ValueError(
+            "SymplecticAdjoint needs `diffeqsolve(..., max_steps=<int>)`: it records "
+            "every step, so it must know how many to allocate."
+        )
+    tableau = explicit_tableau(solver)
+    if tableau is None:
+        raise _refuse(
+            f"the solver {type(solver).__name__}: only explicit Runge--Kutta solvers "
+            "(Euler, Heun, Midpoint, Ralston, Bosh3, Tsit5, Dopri5, Dopri8, or a "
+            "diffrax.AbstractERK subclass with a ButcherTableau) take the steps it "
+            "pulls back",
+            rca,
+        )
+    if jtu.tree_structure(saveat.subs, is_leaf=_is_subsaveat) != jtu.tree_structure(0):
+        raise _refuse("`SaveAt(subs=...)`", rca)
+    if saveat.dense:
+        raise _refuse("`SaveAt(dense=True)`", rca)
+    if saveat.subs.steps:
+        raise _refuse(
+            "`SaveAt(steps=...)`", f"`SaveAt(ts=...)` at the times you need, or {rca}"
+        )
+    if saveat.subs.fn is not private.save_y:
+        raise _refuse("`SaveAt(fn=...)`", f"a function of the returned `ys`, or {rca}")
+    if private.is_unsafe_sde(terms):
+        raise _refuse("`UnsafeBrownianPath`", "`diffrax.VirtualBrownianTree`")
+    if passed_solver_state:
+        raise _refuse(
+            "a passed `solver_state` (it recomputes each step from its start)", rca
+        )
+    return tableau
+
+
+def _is_subsaveat(x) -> bool:
+    return isinstance(x, diffrax.SubSaveAt)
+
+
+def _run_loop(y0, args, terms, *, tableau, init_state, saveat, max_steps, record,
+              **kwargs):
+    del tableau
+    init_state = eqx.tree_at(lambda s: s.y, init_state, y0)
+    if record:
+        # One extra output that saves (t, y) at every accepted step.
+        saveat = eqx.tree_at(
+            lambda s: s.subs, saveat, (saveat.subs, diffrax.SubSaveAt(steps=True))
+        )
+        time_dtype = jnp.result_type(init_state.tprev)
+        steps = private.SaveState(
+            saveat_ts_index=0,
+            ts=jnp.full(max_steps, jnp.inf, dtype=time_dtype),
+            ys=jtu.tree_map(
+                lambda y: jnp.full((max_steps, *y.shape), jnp.inf, y.dtype), y0
+            ),
+            save_index=0,
+        )
+        init_state = eqx.tree_at(
+            lambda s: s.save_state, init_state, (init_state.save_state, steps)
+        )
+    final_state, aux_stats = private.loop(
+        args=args,
+        terms=terms,
+        init_state=init_state,
+        saveat=saveat,
+        max_steps=max_steps,
+        inner_while_loop=_lax_while_loop,
+        outer_while_loop=_lax_while_loop,
+        **kwargs,
+    )
+    if not record:
+        return final_state, aux_stats, None
+    save_state, steps = final_state.save_state
+    final_state = eqx.tree_at(lambda s: s.save_state, final_state, save_state)
+    return final_state, aux_stats, steps
+
+
+@eqx.filter_custom_vjp
+def _symplectic_loop(y__args__terms, **kwargs):
+    final_state, aux_stats, _ = _run_loop(*y__args__terms, record=False, **kwargs)
+    return final_state, aux_stats
+
+
+@_symplectic_loop.def_fwd
+def _symplectic_loop_fwd(perturbed, y__args__terms, **kwargs):
+    del perturbed
+    final_state, aux_stats, steps = _run_loop(*y__args__terms, record=True, **kwargs)
+    return (final_state, aux_stats), (steps.ts, steps.ys, steps.save_index)
+
+
+@_symplectic_loop.def_bwd
+def _symplectic_loop_bwd(
+    residuals, grad_final_state__aux_stats, perturbed, y__args__terms, *, tableau,
+    solver, saveat, t0, **kwargs
+):
+    del perturbed, kwargs
+    step_ts, step_ys, num_steps = residuals
+    y0, args, terms = y__args__terms
+    sub = saveat.subs
+    save_ts = sub.ts
+    num_ts = 0 if save_ts is None else len(save_ts)
+    ts_offset = int(sub.t0)
+    num_saved = ts_offset + num_ts + int(sub.t1)
+    grad_ys = _materialise(grad_final_state__aux_stats[0].save_state.ys, y0, num_saved)
+
+    diff_args, static_args = eqx.partition(args, eqx.is_inexact_array)
+    diff_terms, static_terms = eqx.partition(terms, eqx.is_inexact_array)
+    params = (diff_args, diff_terms)
+
+    def vf_prod(params, t, y, t_start, t_end):
+        _args = eqx.combine(params[0], static_args)
+        _terms = eqx.combine(params[1], static_terms)
+        return _terms.vf_prod(t, y, _args, _terms.contr(t_start, t_end))
+
+    # Interpolation uses every stage (FSAL included); y_{n+1} may not need the last.
+    num_stages = tableau.num_stages if num_ts else tableau.stages_for_solution()
+    is_euler = type(solver) is diffrax.Euler
+
+    def interpolate(t_start, t_end, y_start, y_end, ks, t):
+        info = dict(y0=y_start, y1=y_end) if is_euler else dict(y0=y_start, y1=y_end, k=ks)
+        return solver.interpolation_cls(t0=t_start, t1=t_end, **info).evaluate(t)
+
+    def step_back(carry):
+        n, ts_index, lam, params_bar = carry
+        prev = jnp.maximum(n - 1, 0)
+        t_start = jnp.where(n == 0, t0, step_ts[prev])
+        t_end = step_ts[n]
+        y_start = jtu.tree_map(lambda a, buf: jnp.where(n == 0, a, buf[prev]), y0, step_ys)
+        y_end = jtu.tree_map(lambda buf: buf[n], step_ys)
+        ks = recompute_stages(
+            tableau,
+            num_stages,
+            lambda t, y: vf_prod(params, t, y, t_start, t_end),
+            t_start,
+            t_end,
+            y_start,
+        )
+        y_start_bar = jtu.tree_map(jnp.zeros_like, y0)
+        k_bar = jtu.tree_map(jnp.zeros_like, ks)
+        if num_ts:
+            # Diffrax saves ts[j] in the first step with ts[j] <= t_end.
+            def has_save(c):
+                j = c[0]
+                return (j >= 0) & ((save_ts[jnp.maximum(j, 0)] > t_start) | (n == 0))
+
+            def pull_save(c):
+                j, y_start_bar, lam, k_bar = c
+                g = jtu.tree_map(lambda gy: gy[ts_offset + j], grad_ys)
+                _, vjp = jax.vjp(
+                    lambda ya, yb, k: interpolate(t_start, t_end, ya, yb, k, save_ts[j]),
+                    y_start,
+                    y_end,
+                    ks,
+                )
+                ya_bar, yb_bar, kk_bar = vjp(g)
+                add = ft.partial(jtu.tree_map, jnp.add)
+                return j - 1, add(y_start_bar, ya_bar), add(lam, yb_bar), add(k_bar, kk_bar)
+
+            ts_index, y_start_bar, lam, k_bar = lax.while_loop(
+                has_save, pull_save, (ts_index, y_start_bar, lam, k_bar)
+            )
+        b = jnp.asarray(tableau.b[:num_stages])
+        k_bar = jtu.tree_map(
+            lambda kb, l: kb + b.astype(l.dtype)[(...,) + (None,) * l.ndim] * l, k_bar, lam
+        )
+
+        def vf_prod_vjp(t, y, cotangent):
+            _, vjp = jax.vjp(
+                lambda y_, p_: vf_prod(p_, t, y_, t_start, t_end), y, params
+            )
+            return vjp(cotangent)
+
+        y_bar_sum, params_bar = pullback_stages(
+            tableau, num_stages, vf_prod_vjp, t_start, t_end, y_start, ks, k_bar, params_bar
+        )
+        lam = jtu.tree_map(lambda *x: sum(x), lam, y_bar_sum, y_start_bar)
+        return n - 1, ts_index, lam, params_bar
+
+    if sub.t1:
+        lam = jtu.tree_map(lambda g: g[num_saved - 1], grad_ys)
+    else:
+        lam = jtu.tree_map(jnp.zeros_like, y0)
+    params_bar = jtu.tree_map(jnp.zeros_like, params)
+    carry = (num_steps - 1, num_ts - 1, lam, params_bar)
+    _, ts_index, y0_bar, params_bar = lax.while_loop(lambda c: c[0] >= 0, step_back, carry)
+
+    if num_ts:
+        # Saves not inside any step: t0 == t1, where Diffrax saves y0 at every ts.
+        leftover = jnp.arange(num_ts) <= ts_index
+        y0_bar = jtu.tree_map(
+            lambda yb, g: yb
+            + jnp.sum(
+                jnp.where(
+                    leftover[(...,) + (None,) * yb.ndim], g[ts_offset : ts_offset + num_ts], 0
+                ),
+                axis=0,
+            ),
+            y0_bar,
+            grad_ys,
+        )
+    if sub.t0:
+        y0_bar = jtu.tree_map(lambda yb, g: yb + g[0], y0_bar, grad_ys)
+    return y0_bar, params_bar[0], params_bar[1]
+
+
+def _materialise(grad_ys, y0, num_saved):
+    """Zeros where JAX passed a symbolic-zero (`None`) cotangent."""
+    zeros = lambda y: jnp.zeros((num_saved, *jnp.shape(y)), jnp.result_type(y))
+    if grad_ys is None:
+        return jtu.tree_map(zeros, y0)
+    return jtu.tree_map(
+        lambda g, y: zeros(y) if g is None else g, grad_ys, y0, is_leaf=lambda x: x is None
+    )
