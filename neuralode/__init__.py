@@ -8,5 +8,11 @@ from .adjoints import (
     get_adjoint as get_adjoint,
     SymplecticAdjoint as SymplecticAdjoint,
 )
+from ._measure import (
+    median_time_ms as median_time_ms,
+    peak_memory_bytes as peak_memory_bytes,
+    relative_error as relative_error,
+    xla_temp_bytes as xla_temp_bytes,
+)
 
 __version__ = "0.1.0"
