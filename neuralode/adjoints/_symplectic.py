@@ -18,17 +18,19 @@ controllers stop gradients through their error estimates), so the result equals
 `diffrax.RecursiveCheckpointAdjoint` on the same call, to rounding.
 """
 
+import functools as ft
+from collections.abc import Callable
+
 import diffrax
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import equinox.internal as eqxi
-import functools as ft
 
 from . import _diffrax_private as private
-from ._tableau import ExplicitTableau, explicit_tableau, pullback_stages, recompute_stages
+from ._tableau import explicit_tableau, pullback_stages, recompute_stages
 
 _lax_while_loop = ft.partial(eqxi.while_loop, kind="lax")
 
@@ -106,10 +108,14 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         **kwargs,
     ):
         del throw
-        tableau = _check_supported(
+        _check_supported(
             terms, solver, event, saveat, max_steps, passed_solver_state
         )
         y0 = init_state.y
+        terms = _ClosureConvertedTerm(
+            terms,
+            eqx.filter_closure_convert(terms.vf, init_state.tprev, y0, args),
+        )
         init_state = eqx.tree_at(lambda s: s.y, init_state, object())
         init_state = private.nondiff_solver_controller_state(
             self, init_state, passed_solver_state, passed_controller_state
@@ -117,7 +123,6 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         try:
             final_state, aux_stats = _symplectic_loop(
                 (y0, args, terms),
-                tableau=tableau,
                 solver=solver,
                 event=event,
                 saveat=saveat,
@@ -134,6 +139,27 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
                 "`diffrax.DirectAdjoint()` for both modes)."
             ) from e
         return private.only_transpose_ys(final_state), aux_stats
+
+
+class _ClosureConvertedTerm(diffrax.AbstractTerm):
+    """`term` with its vector field closure-converted: arrays the field closes over
+    (e.g. `ODETerm(lambda t, y, args: model(y))`) become leaves of the term, so the custom
+    VJP returns their cotangents instead of JAX raising `CustomVJPException`."""
+
+    term: diffrax.AbstractTerm
+    vf_converted: Callable
+
+    def vf(self, t, y, args):
+        return self.vf_converted(t, y, args)
+
+    def contr(self, t0, t1, **kwargs):
+        return self.term.contr(t0, t1, **kwargs)
+
+    def prod(self, vf, control):
+        return self.term.prod(vf, control)
+
+    def is_vf_expensive(self, t0, t1, y, args):
+        return self.term.is_vf_expensive(t0, t1, y, args)
 
 
 def _refuse(what: str, instead: str) -> NotImplementedError:
@@ -177,16 +203,14 @@ def _check_supported(terms, solver, event, saveat, max_steps, passed_solver_stat
         raise _refuse(
             "a passed `solver_state` (it recomputes each step from its start)", rca
         )
-    return tableau
 
 
 def _is_subsaveat(x) -> bool:
     return isinstance(x, diffrax.SubSaveAt)
 
 
-def _run_loop(y0, args, terms, *, tableau, init_state, saveat, max_steps, record,
+def _run_loop(y0, args, terms, *, init_state, saveat, max_steps, record,
               **kwargs):
-    del tableau
     init_state = eqx.tree_at(lambda s: s.y, init_state, y0)
     if record:
         # One extra output that saves (t, y) at every accepted step.
@@ -237,10 +261,10 @@ def _symplectic_loop_fwd(perturbed, y__args__terms, **kwargs):
 
 @_symplectic_loop.def_bwd
 def _symplectic_loop_bwd(
-    residuals, grad_final_state__aux_stats, perturbed, y__args__terms, *, tableau,
-    solver, saveat, t0, **kwargs
+    residuals, grad_final_state__aux_stats, perturbed, y__args__terms, *, solver, saveat, t0, **kwargs
 ):
     del perturbed, kwargs
+    tableau = explicit_tableau(solver)
     step_ts, step_ys, num_steps = residuals
     y0, args, terms = y__args__terms
     sub = saveat.subs
