@@ -16,3 +16,27 @@ from ._measure import (
 )
 
 __version__ = "0.1.0"
+from . import data as data
+from ._train import (
+    CheckpointError as CheckpointError,
+    fit as fit,
+    function_evaluations as function_evaluations,
+    load_checkpoint as load_checkpoint,
+    plot_loss as plot_loss,
+    save_checkpoint as save_checkpoint,
+    save_metrics as save_metrics,
+    TrainingDiverged as TrainingDiverged,
+    TrainResult as TrainResult,
+)
+from ._cli import (
+    add_training_arguments as add_training_arguments,
+    adjoint_from_args as adjoint_from_args,
+    exit_on_training_error as exit_on_training_error,
+    parse_training_args as parse_training_args,
+    positive_float as positive_float,
+    positive_int as positive_int,
+    run_config as run_config,
+    solver_from_name as solver_from_name,
+    SOLVERS as SOLVERS,
+    stepping_from_args as stepping_from_args,
+)

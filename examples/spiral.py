@@ -1,0 +1,134 @@
+"""Fit the spiral ODE dy/dt = (y³)A, A = [[-0.1, 2], [-2, -0.1]], y0 = [2, 0] (the
+problem of torchdiffeq's `ode_demo.py`) from random windows of its trajectory.
+
+    python examples/spiral.py --adjoint symplectic --out runs/spiral
+
+Writes OUT/metrics.json, OUT/checkpoint.eqx, OUT/loss.png and OUT/spiral.png (the
+learned trajectory from y0 over the whole time span against the truth).
+"""
+
+import argparse
+import os
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import neuralode
+
+
+class CubedInputField(eqx.Module):
+    """dy/dt = MLP(y³): the cubed input of torchdiffeq's demo, which makes the field of
+    the true system (linear in y³) easy to represent."""
+
+    field: neuralode.MLPField
+
+    def __call__(self, t, y, args=None):
+        return self.field(t, y**3, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    neuralode.add_training_arguments(
+        parser, niters=1000, batch_size=20, lr=3e-3, steps=9, out="runs/spiral",
+        checkpoint_every=100,
+    )
+    g = parser.add_argument_group("problem")
+    g.add_argument("--num-times", type=neuralode.positive_int, default=1000,
+                   help="samples of the true trajectory on [0, 25] (default: 1000)")
+    g.add_argument("--window", type=neuralode.positive_int, default=10,
+                   help="samples per training window (default: 10)")
+    g.add_argument("--width", type=neuralode.positive_int, default=50,
+                   help="hidden width of the MLP field (default: 50)")
+    g.add_argument("--depth", type=neuralode.positive_int, default=1,
+                   help="hidden layers of the MLP field (default: 1)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = neuralode.parse_training_args(parser, argv)
+    if not 2 <= args.window <= args.num_times:
+        parser.error(f"--window must be between 2 and --num-times={args.num_times}")
+
+    ts, ys = neuralode.data.spiral_trajectory(args.num_times)
+    window_ts = ts[: args.window]
+    controller, dt0, max_steps = neuralode.stepping_from_args(args, float(window_ts[-1]))
+    model_key, data_key = jax.random.split(jax.random.PRNGKey(args.seed))
+    field = CubedInputField(neuralode.MLPField(2, args.width, args.depth, key=model_key))
+    model = neuralode.NeuralODE(
+        field,
+        solver=neuralode.solver_from_name(args.solver),
+        adjoint=neuralode.adjoint_from_args(args),
+        stepsize_controller=controller,
+        dt0=dt0,
+        max_steps=max_steps,
+    )
+
+    def sample_batch(key):
+        return neuralode.data.sample_windows(key, ys, args.batch_size, args.window)
+
+    def loss_fn(model, batch):
+        y0, targets = batch
+        sol = model.solve(window_ts, y0)
+        nfe = neuralode.function_evaluations(model.solver, sol.stats["num_steps"])
+        return jnp.mean(jnp.abs(sol.ys - targets)), nfe
+
+    with neuralode.exit_on_training_error():
+        model, metrics = neuralode.fit(
+            loss_fn, model, optax.adam(args.lr), sample_batch,
+            niters=args.niters, key=data_key, out_dir=args.out,
+            config={"example": "spiral", **neuralode.run_config(args)},
+            metadata={"adjoint": args.adjoint, "solver": args.solver},
+            checkpoint_every=args.checkpoint_every, resume=args.resume,
+            progress=not args.no_progress, desc=f"spiral/{args.adjoint}",
+        )
+
+    # The whole trajectory from y0, solved accurately: how well the field was learned.
+    pred = diffrax.diffeqsolve(
+        diffrax.ODETerm(model.field), diffrax.Tsit5(), t0=ts[0], t1=ts[-1], dt0=None,
+        y0=ys[0], saveat=diffrax.SaveAt(ts=ts),
+        stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-8),
+        max_steps=100_000, throw=False,
+    ).ys
+    metrics["trajectory_mae"] = float(jnp.mean(jnp.abs(pred - ys)))
+    neuralode.save_metrics(os.path.join(args.out, "metrics.json"), metrics)
+    neuralode.plot_loss(metrics, os.path.join(args.out, "loss.png"),
+                        title=f"spiral: training loss ({args.adjoint})")
+    plot_trajectory(ts, ys, pred, os.path.join(args.out, "spiral.png"))
+    print(f"final loss {metrics['loss'][-1]:.4g}, whole-trajectory MAE "
+          f"{metrics['trajectory_mae']:.4g}; wrote {args.out}/")
+    return metrics
+
+
+def plot_trajectory(ts, ys, pred, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ts, ys, pred = np.asarray(ts), np.asarray(ys), np.asarray(pred)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=80)
+    for i, style in enumerate(("-", "--")):
+        ax1.plot(ts, ys[:, i], "k" + style, lw=1, label=f"true y{i + 1}")
+        ax1.plot(ts, pred[:, i], "C1" + style, lw=1, label=f"learned y{i + 1}")
+    ax1.set_xlabel("t")
+    ax1.legend(fontsize=7, ncol=2)
+    ax1.set_title("trajectories")
+    ax2.plot(ys[:, 0], ys[:, 1], "k-", lw=1, label="true")
+    ax2.plot(pred[:, 0], pred[:, 1], "C1--", lw=1, label="learned")
+    ax2.set_xlabel("y1")
+    ax2.set_ylabel("y2")
+    ax2.set_aspect("equal")
+    ax2.legend(fontsize=7)
+    ax2.set_title("phase portrait")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
