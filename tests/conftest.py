@@ -1,0 +1,11 @@
+import jax
+import pytest
+
+# Exactness is checked in float64: the strategies must agree to rounding.
+jax.config.update("jax_enable_x64", True)
+
+
+@pytest.fixture
+def getkey():
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 1000))
+    return lambda: next(keys)

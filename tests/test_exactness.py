@@ -1,0 +1,157 @@
+"""`symplectic` and `backprop` against `diffrax.RecursiveCheckpointAdjoint` on the same
+call: same solution, same gradients (w.r.t. y0, args and the field's parameters) to
+1e-12 relative in float64."""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+
+import neuralode
+
+from helpers import assert_tree_allclose, RK4, scalar_loss, small_problem, solve
+
+RTOL = 1e-12
+STRATEGIES = (neuralode.SymplecticAdjoint(), neuralode.BackpropAdjoint())
+SAVE_TS = jnp.array([0.0, 0.13, 0.5, 0.77, 1.0])  # not step endpoints
+
+
+def _compare(inp, **solve_kwargs):
+    """Solutions and gradients of every strategy and of the reference, in one compile."""
+
+    def loss(inp, adjoint):
+        ys = solve(inp, adjoint=adjoint, **solve_kwargs).ys
+        return scalar_loss(ys), ys
+
+    @eqx.filter_jit
+    def run(inp):
+        return [
+            eqx.filter_grad(loss, has_aux=True)(inp, adjoint)
+            for adjoint in (diffrax.RecursiveCheckpointAdjoint(), *STRATEGIES)
+        ]
+
+    (ref_grad, ref_ys), *results = run(inp)
+    for grad, ys in results:
+        assert_tree_allclose(ys, ref_ys, RTOL)
+        assert_tree_allclose(grad, ref_grad, RTOL)
+    return ref_grad
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [
+        diffrax.Euler(),
+        diffrax.Heun(),
+        diffrax.Midpoint(),
+        diffrax.Ralston(),
+        diffrax.Bosh3(),
+        diffrax.Tsit5(),
+        diffrax.Dopri5(),
+        diffrax.Dopri8(),
+        RK4(),
+    ],
+    ids=lambda s: type(s).__name__,
+)
+def test_every_explicit_solver(solver, getkey):
+    # Adaptive where the solver has an error estimate; saves inside steps.
+    adaptive = type(solver) not in (diffrax.Euler, RK4)
+    controller = (
+        diffrax.PIDController(rtol=1e-4, atol=1e-6)
+        if adaptive
+        else diffrax.ConstantStepSize()
+    )
+    grad = _compare(
+        small_problem(getkey()),
+        solver=solver,
+        controller=controller,
+        saveat=diffrax.SaveAt(ts=SAVE_TS),
+    )
+    y0_grad, args_grad, field_grad = grad
+    assert jnp.all(y0_grad != 0) and args_grad != 0  # all three inputs get gradients
+    assert any(jnp.any(g != 0) for g in jax.tree_util.tree_leaves(field_grad))
+
+
+@pytest.mark.parametrize(
+    "saveat",
+    [diffrax.SaveAt(t1=True), diffrax.SaveAt(t0=True, t1=True), diffrax.SaveAt(ts=SAVE_TS)],
+    ids=["t1", "t0-t1", "ts"],
+)
+@pytest.mark.parametrize(
+    "controller",
+    [diffrax.ConstantStepSize(), diffrax.PIDController(rtol=1e-4, atol=1e-6)],
+    ids=["constant", "pid"],
+)
+def test_saveat_and_controllers(saveat, controller, getkey):
+    # Dopri5 has b_2 = 0 and an FSAL stage: both special cases of the stage pullback.
+    _compare(small_problem(getkey()), solver=diffrax.Dopri5(), controller=controller,
+             saveat=saveat)
+
+
+def test_backwards_in_time(getkey):
+    _compare(
+        small_problem(getkey()),
+        solver=diffrax.Tsit5(),
+        controller=diffrax.PIDController(rtol=1e-4, atol=1e-6),
+        saveat=diffrax.SaveAt(t0=True, ts=SAVE_TS[::-1]),
+        t0=1.0,
+        t1=0.0,
+    )
+
+
+def test_vmap_over_members_with_different_step_counts(getkey):
+    y0, _, field = small_problem(getkey())
+    y0s = jnp.stack([y0, 2 * y0, -3 * y0])
+    argss = jnp.array([0.5, 5.0, 20.0])  # faster dynamics need more steps
+    kwargs = dict(
+        solver=diffrax.Tsit5(),
+        controller=diffrax.PIDController(rtol=1e-5, atol=1e-7),
+        saveat=diffrax.SaveAt(ts=SAVE_TS),
+    )
+
+    def loss(y0s, field, adjoint):
+        sols = jax.vmap(lambda y, a: solve((y, a, field), adjoint=adjoint, **kwargs))(
+            y0s, argss
+        )
+        return scalar_loss(sols.ys), sols.stats["num_accepted_steps"]
+
+    @eqx.filter_jit
+    def run(y0s, field):
+        return [
+            eqx.filter_grad(loss, has_aux=True)(y0s, field, adjoint)
+            for adjoint in (diffrax.RecursiveCheckpointAdjoint(), *STRATEGIES)
+        ]
+
+    (ref_grad, steps), *results = run(y0s, field)
+    assert len(set(steps.tolist())) > 1, f"members took the same steps: {steps}"
+    for grad, _ in results:
+        assert_tree_allclose(grad, ref_grad, RTOL)
+
+
+def test_sde_with_fixed_brownian_path(getkey):
+    # An explicit RK solver over a fixed Brownian path is one more explicit RK solve.
+    y0, args, field = small_problem(getkey())
+    path = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1e-3, shape=(3,), key=getkey())
+
+    def loss(inp, adjoint):
+        y0, args, field = inp
+        terms = diffrax.MultiTerm(
+            diffrax.ODETerm(lambda t, y, a: field(t, y)),
+            diffrax.ControlTerm(lambda t, y, a: a * jnp.tanh(y), path),
+        )
+        sol = diffrax.diffeqsolve(
+            terms, diffrax.Heun(), 0.0, 1.0, 0.05, y0, args=args,
+            saveat=diffrax.SaveAt(ts=SAVE_TS), adjoint=adjoint, max_steps=32,
+        )
+        return scalar_loss(sol.ys)
+
+    @eqx.filter_jit
+    def run(inp):
+        return [
+            eqx.filter_grad(loss)(inp, adjoint)
+            for adjoint in (diffrax.RecursiveCheckpointAdjoint(), *STRATEGIES)
+        ]
+
+    ref_grad, *results = run((y0, args, field))
+    for grad in results:
+        assert_tree_allclose(grad, ref_grad, RTOL)
