@@ -9,6 +9,9 @@ from .adjoints import (
     SymplecticAdjoint as SymplecticAdjoint,
 )
 from ._measure import (
+    EvaluationCounter as EvaluationCounter,
+    fit_exponent as fit_exponent,
+    fit_increment as fit_increment,
     median_time_ms as median_time_ms,
     peak_memory_bytes as peak_memory_bytes,
     relative_error as relative_error,

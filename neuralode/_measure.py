@@ -4,6 +4,7 @@ gradient error, and time."""
 import time
 from collections.abc import Callable
 
+import equinox as eqx
 import jax
 import numpy as np
 
@@ -53,4 +54,75 @@ def median_time_ms(fn: Callable, *args, repeats: int = 5) -> float:
     return float(np.median(times))
 
 
-__all__ = ["xla_temp_bytes", "peak_memory_bytes", "relative_error", "median_time_ms"]
+class EvaluationCounter:
+    """Counts, at run time, how often a vector field is evaluated.
+
+    `counter.wrap(field)` returns a field with the same signature and parameters that
+    reports each evaluation through `jax.debug.callback`; `counter.count` is the number of
+    evaluations executed since the last `counter.reset()`. Count the primal solve and the
+    gradient separately: evaluations of the backward pass are the difference.
+
+    The callback takes the state as an operand so that it runs where the evaluation runs
+    (inside loops, checkpointed recomputations and VJPs) and is not moved out of them.
+    It counts evaluations as traced: XLA can no longer merge two identical evaluations,
+    which it might do without the callback. Do not time a counted function.
+
+    ```python
+    counter = neuralode.EvaluationCounter()
+    term = diffrax.ODETerm(counter.wrap(field))
+    ```
+    """
+
+    def __init__(self):
+        self.count = 0
+
+    def reset(self) -> None:
+        self.count = 0
+
+    def _increment(self, *operands) -> None:
+        del operands
+        self.count += 1
+
+    def wrap(self, field: Callable) -> "_CountedField":
+        return _CountedField(field, self)
+
+
+class _CountedField(eqx.Module):
+    field: Callable
+    counter: EvaluationCounter = eqx.field(static=True)
+
+    def __call__(self, t, y, args):
+        jax.debug.callback(self.counter._increment, y)
+        return self.field(t, y, args)
+
+
+def fit_exponent(xs, ys) -> float:
+    """The exponent p of a least-squares fit ys ≈ c·xs^p on log-log axes (`nan` with fewer
+    than two usable points; non-positive values are dropped)."""
+    pairs = [(float(x), float(y)) for x, y in zip(xs, ys)
+             if x is not None and y is not None and x > 0 and y > 0]
+    if len({x for x, _ in pairs}) < 2:
+        return float("nan")
+    lx, ly = np.log([x for x, _ in pairs]), np.log([y for _, y in pairs])
+    return float(np.polyfit(lx, ly, 1)[0])
+
+
+def fit_increment(xs, ys) -> float:
+    """The slope a of a least-squares line ys ≈ a·xs + b (e.g. bytes per step); `nan`
+    with fewer than two distinct xs."""
+    pairs = [(float(x), float(y)) for x, y in zip(xs, ys)
+             if x is not None and y is not None]
+    if len({x for x, _ in pairs}) < 2:
+        return float("nan")
+    return float(np.polyfit([x for x, _ in pairs], [y for _, y in pairs], 1)[0])
+
+
+__all__ = [
+    "xla_temp_bytes",
+    "peak_memory_bytes",
+    "relative_error",
+    "median_time_ms",
+    "EvaluationCounter",
+    "fit_exponent",
+    "fit_increment",
+]

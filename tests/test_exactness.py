@@ -6,6 +6,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import lineax as lx
 import pytest
 
 import neuralode
@@ -137,7 +138,9 @@ def test_sde_with_fixed_brownian_path(getkey):
         y0, args, field = inp
         terms = diffrax.MultiTerm(
             diffrax.ODETerm(lambda t, y, a: field(t, y)),
-            diffrax.ControlTerm(lambda t, y, a: a * jnp.tanh(y), path),
+            diffrax.ControlTerm(
+                lambda t, y, a: lx.DiagonalLinearOperator(a * jnp.tanh(y)), path
+            ),
         )
         sol = diffrax.diffeqsolve(
             terms, diffrax.Heun(), 0.0, 1.0, 0.05, y0, args=args,

@@ -56,9 +56,10 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
 
     !!! warning
 
-        Reverse mode only, first order only: `jax.jvp` raises, and so does
-        differentiating the gradient again. Use `diffrax.ForwardMode()` or
-        `diffrax.DirectAdjoint()` for forward mode. Events, implicit solvers,
+        Reverse mode only, first order only: under `jax.jvp`/`jax.jacfwd` JAX raises
+        "can't apply forward-mode autodiff (jvp) to a custom_vjp function", and
+        differentiating the gradient again raises too. Use `diffrax.ForwardMode()` or
+        `diffrax.DirectAdjoint()` (or `neuralode.BackpropAdjoint()`) for forward mode. Events, implicit solvers,
         `SaveAt(dense=True)`, `SaveAt(steps=...)`, `SaveAt(fn=...)`, `SaveAt(subs=...)`,
         a passed `solver_state` and `max_steps=None` are refused with an error that
         names an alternative. Gradients with respect to `t0`, `t1`, `dt0` or
@@ -120,24 +121,15 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         init_state = private.nondiff_solver_controller_state(
             self, init_state, passed_solver_state, passed_controller_state
         )
-        try:
-            final_state, aux_stats = _symplectic_loop(
-                (y0, args, terms),
-                solver=solver,
-                event=event,
-                saveat=saveat,
-                max_steps=max_steps,
-                init_state=init_state,
-                **kwargs,
-            )
-        except TypeError as e:
-            if "forward-mode" not in str(e):
-                raise
-            raise TypeError(
-                "SymplecticAdjoint is reverse mode only: it cannot be used under "
-                "`jax.jvp`/`jax.jacfwd`. Use `adjoint=diffrax.ForwardMode()` (or "
-                "`diffrax.DirectAdjoint()` for both modes)."
-            ) from e
+        final_state, aux_stats = _symplectic_loop(
+            (y0, args, terms),
+            solver=solver,
+            event=event,
+            saveat=saveat,
+            max_steps=max_steps,
+            init_state=init_state,
+            **kwargs,
+        )
         return private.only_transpose_ys(final_state), aux_stats
 
 

@@ -1,0 +1,73 @@
+"""What the symplectic adjoint cannot differentiate exactly fails at trace time, with an
+error naming it and an alternative."""
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import pytest
+
+import neuralode
+
+Y0 = jnp.array([0.5, -0.3, 0.2])
+PID = diffrax.PIDController(rtol=1e-3, atol=1e-3)
+
+
+def _solve(y0, *, solver=diffrax.Tsit5(), saveat=diffrax.SaveAt(t1=True), max_steps=16,
+           terms=None, **kwargs):
+    field = neuralode.MLPField(3, 4, 1, key=jax.random.PRNGKey(0))
+    terms = diffrax.ODETerm(field) if terms is None else terms
+    return diffrax.diffeqsolve(
+        terms, solver, 0.0, 1.0, 0.1, y0, saveat=saveat, max_steps=max_steps,
+        adjoint=neuralode.SymplecticAdjoint(), **kwargs,
+    ).ys
+
+
+def _unsafe_sde_terms():
+    path = diffrax.UnsafeBrownianPath(shape=(3,), key=jax.random.PRNGKey(1))
+    diffusion = lambda t, y, args: lx.DiagonalLinearOperator(0.1 * jnp.ones_like(y))
+    return diffrax.MultiTerm(
+        diffrax.ODETerm(lambda t, y, args: -y), diffrax.ControlTerm(diffusion, path)
+    )
+
+
+REFUSED = {
+    "implicit-solver": dict(solver=diffrax.Kvaerno5(), stepsize_controller=PID),
+    "half-solver": dict(solver=diffrax.HalfSolver(diffrax.Tsit5()), stepsize_controller=PID),
+    "event": dict(event=diffrax.Event(lambda t, y, args, **kwargs: y[0] < 0.0)),
+    "dense": dict(saveat=diffrax.SaveAt(dense=True)),
+    "steps": dict(saveat=diffrax.SaveAt(steps=True)),
+    "fn": dict(saveat=diffrax.SaveAt(t1=True, fn=lambda t, y, args: y**2)),
+    "subs": dict(
+        saveat=diffrax.SaveAt(subs=(diffrax.SubSaveAt(t1=True), diffrax.SubSaveAt(t0=True)))
+    ),
+    "max-steps-none": dict(max_steps=None),
+    "unsafe-brownian": dict(solver=diffrax.Heun(), terms=_unsafe_sde_terms()),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_refused_at_trace_time(case):
+    with pytest.raises((NotImplementedError, ValueError)) as error:
+        jax.eval_shape(lambda y0: _solve(y0, **REFUSED[case]), Y0)
+    message = str(error.value)
+    assert "SymplecticAdjoint" in message
+    # Names what to do instead.
+    assert any(word in message for word in ("Use ", "Pass ", "max_steps=<int>")), message
+
+
+def test_forward_mode_is_refused():
+    # Raised by JAX when it transforms the compiled solve; the docstring names the
+    # alternatives (diffrax.ForwardMode, diffrax.DirectAdjoint, BackpropAdjoint).
+    with pytest.raises(TypeError, match="forward-mode autodiff"):
+        jax.jvp(_solve, (Y0,), (jnp.ones(3),))
+
+
+def test_accepted_inputs_trace():
+    # The refusals are not over-broad: every explicit solver and SaveAt(t0, t1, ts) trace.
+    for solver in (diffrax.Euler(), diffrax.Heun(), diffrax.Dopri8()):
+        saveat = diffrax.SaveAt(t0=True, t1=True, ts=jnp.linspace(0.0, 1.0, 4))
+        out = jax.eval_shape(
+            jax.grad(lambda y0: jnp.sum(_solve(y0, solver=solver, saveat=saveat))), Y0
+        )
+        assert out.shape == (3,)
