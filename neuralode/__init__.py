@@ -5,6 +5,7 @@ from ._model import NeuralODE as NeuralODE
 from .adjoints import (
     ADJOINT_NAMES as ADJOINT_NAMES,
     BackpropAdjoint as BackpropAdjoint,
+    ContinuousAdjoint as ContinuousAdjoint,
     get_adjoint as get_adjoint,
     SymplecticAdjoint as SymplecticAdjoint,
 )

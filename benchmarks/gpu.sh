@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Run every benchmark on one GPU machine and leave all outputs in one folder.
+#
+#   bash benchmarks/gpu.sh OUT_DIR [--quick]
+#
+# Needs only the preinstalled jax/diffrax/equinox (and torch + torchdiffeq, optional):
+# the repository is put on PYTHONPATH, nothing is installed. Sized to finish in under
+# 8 minutes on one H100/H200: report.py stops starting new configurations at its time
+# budget and lists what it skipped. Device peaks are measured by report.py itself in
+# fresh processes, one per configuration, with XLA_PYTHON_CLIENT_PREALLOCATE=false and
+# XLA_FLAGS=--xla_gpu_autotune_level=0; timings run in the main process with autotuning
+# on. Without a GPU it warns and runs the --quick sizes instead.
+set -u -o pipefail
+OUT=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [--quick]}
+shift
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON=${PYTHON:-python}
+mkdir -p "$OUT"
+start=$(date +%s)
+
+backend=$("$PYTHON" -c "import jax; print(jax.default_backend())" 2>/dev/null | tail -n 1)
+MODE=("$@")
+if [ "$backend" != "gpu" ] && [[ " ${MODE[*]-} " != *" --quick "* ]]; then
+    echo "gpu.sh: no GPU (JAX backend: ${backend:-unknown}); running the --quick sizes." >&2
+    MODE+=(--quick)
+fi
+{
+    echo "backend: $backend"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+    "$PYTHON" --version
+} > "$OUT/device.txt" 2>&1
+
+status=0
+"$PYTHON" benchmarks/report.py "${MODE[@]}" --out "$OUT" 2>&1 | tee "$OUT/report.log" || status=1
+"$PYTHON" benchmarks/modes.py "${MODE[@]}" --out "$OUT" 2>&1 | tee "$OUT/modes.log" || status=1
+"$PYTHON" benchmarks/speed.py --json "$OUT/speed.json" 2>&1 | tee "$OUT/speed.log" || status=1
+echo "gpu.sh: done in $(( $(date +%s) - start )) s, outputs in $OUT (status $status)"
+exit $status

@@ -1,0 +1,85 @@
+"""Smoke tests of the benchmark scripts on tiny sizes (the scripts themselves are run
+by hand: `python benchmarks/report.py --quick`)."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+
+import modes  # noqa: E402
+import report  # noqa: E402
+
+ROW_FIELDS = ("strategy", "solver", "n_steps", "depth", "width", "batch", "state_dim",
+              "dtype", "xla_temp_bytes", "peak_bytes", "time_ms", "grad_rel_error",
+              "grad_rel_error_continuous", "nfe_forward", "nfe_backward")
+TINY = dict(state_dim=2, batch=2, width=4, depth=1, solver="heun", n_sweep=(4, 8),
+            n_base=4, depths=(1, 2), widths=(4, 8), solvers=("heun",), tols=(1e-3,),
+            peers_n=(), peers_other=(), float64_strategies=(), repeats=1, budget_s=60)
+
+
+def test_plan_covers_every_sweep():
+    configs = report.plan(report.SIZES["quick"])
+    assert {c["sweep"] for c in configs} == {"n", "m", "d", "s", "float64"}
+    for c in configs:
+        assert c["strategy"] in report.CORE + report.PEERS
+    full = report.plan(report.SIZES["full"])
+    assert set(report.PEERS) <= {c["strategy"] for c in full}
+
+
+def test_one_row_has_every_field(tmp_path):
+    configs = report.plan(TINY)
+    measurer = report.Measurer(1, configs)
+    c = dict(configs[0], strategy="symplectic")
+    row = dict(c, **measurer.row(c), peak_bytes=None)
+    for field in ROW_FIELDS:
+        assert field in row
+    assert row["xla_temp_bytes"] > 0 and row["time_ms"] > 0
+    assert row["grad_rel_error"] < 1e-5  # float32 against float64, same discretisation
+    assert row["nfe_forward"] == 4 * 2  # Heun: 4 steps, 2 stages
+    assert row["nfe_backward"] > 0
+
+    # Output: exponents, checks, JSON-derived Markdown and plots from synthetic rows.
+    rows = []
+    for s, mem in (("backprop", lambda n: 1000 * n), ("symplectic", lambda n: 16 * n + 50),
+                   ("continuous", lambda n: 40)):
+        for n in (16, 64, 256):
+            rows.append(dict(row, sweep="n", strategy=s, n_steps=n, xla_temp_bytes=mem(n),
+                             state_bytes=16))
+    table = {e["strategy"]: e for e in report.exponents(rows)}
+    assert table["backprop"]["xla_temp_bytes_exp_n"] == pytest.approx(1.0)
+    assert table["continuous"]["xla_temp_bytes_exp_n"] == pytest.approx(0.0, abs=1e-9)
+    assert table["symplectic"]["xla_temp_bytes_states_per_step"] == pytest.approx(1.0)
+    checks = report.checks(rows)
+    assert all(ch["passed"] for ch in checks)
+    results = dict(device="test", backend="cpu", jax="x", diffrax="x", equinox="x",
+                   python="x", command="python benchmarks/report.py --test", mode="test",
+                   sizes=TINY, rows=rows, exponents=list(table.values()), checks=checks,
+                   tolerance_rows=[dict(strategy="symplectic", dtype="float64", tol=1e-3,
+                                        grad_rel_error_continuous=1e-4)],
+                   skipped=[], wall_s=0.0)
+    text = report.write_markdown(results, str(tmp_path))
+    assert "python benchmarks/report.py --test" in text
+    report.plot(results, str(tmp_path))
+    for name in ("results.md", "memory_vs_n.png", "time_vs_n.png", "error_vs_tol.png"):
+        assert (tmp_path / name).exists()
+
+
+def test_modes_tiny(tmp_path):
+    sizes = dict(ds=(4, 8), m_time=2, ms=(1, 2), d_time=8, m_error=(1, 2), d_error=8,
+                 conds=(1.0, 1e2), repeats=1, trials=1)
+    result = modes.measure(sizes)
+    # The four methods compute the same gradient.
+    for e in result["errors"]:
+        assert e["rel_error_median"] < 1e-4
+    result["summary"] = modes.summarise(result)
+    result["verdict"] = modes.verdict(result["summary"])
+    result.update(device="test", jax="x", python="x")
+    text = modes.write(result, str(tmp_path), "python benchmarks/modes.py --test")
+    assert "forward_recursion" in text and (tmp_path / "modes.md").exists()
+    by = {s["method"]: s for s in result["summary"]}
+    # Memory of the forward recursion does not grow with the depth.
+    assert by["forward_recursion"]["memory_exp_m"] < 0.5
+    assert np.isfinite(by["backward_recursion"]["time_exp_d"])
