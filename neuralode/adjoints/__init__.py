@@ -4,6 +4,7 @@ names: `get_adjoint(name, **options)`."""
 import diffrax
 
 from ._backprop import BackpropAdjoint as BackpropAdjoint
+from ._continuous import ContinuousAdjoint as ContinuousAdjoint
 from ._symplectic import SymplecticAdjoint as SymplecticAdjoint
 
 
@@ -23,7 +24,7 @@ _CONTINUOUS_OPTIONS = (
 
 
 def _continuous(**options) -> diffrax.AbstractAdjoint:
-    """`diffrax.BacksolveAdjoint`. `rtol`/`atol` set a `PIDController` for the backward
+    """`diffrax.BacksolveAdjoint` (inside `ContinuousAdjoint`). `rtol`/`atol` set a `PIDController` for the backward
     solve; `seminorm=True` measures its error only on the state and adjoint state, not on
     the parameter cotangents (Kidger, Chen & Lyons 2021), which needs `rtol` and `atol`.
     Without them the backward solve reuses the forward solve's solver and step control."""
@@ -39,16 +40,16 @@ def _continuous(**options) -> diffrax.AbstractAdjoint:
                 "get_adjoint('continuous'): pass either `rtol`/`atol` or "
                 "`stepsize_controller`, not both."
             )
-        norm = diffrax.adjoint_rms_seminorm if seminorm else diffrax.rms_norm
+        norm = dict(norm=diffrax.adjoint_rms_seminorm) if seminorm else {}
         options["stepsize_controller"] = diffrax.PIDController(
-            rtol=rtol, atol=atol, norm=norm
+            rtol=rtol, atol=atol, **norm
         )
     elif seminorm:
         raise ValueError(
             "get_adjoint('continuous', seminorm=True) needs `rtol` and `atol`: the "
             "seminorm is a norm for the adaptive backward solve's error control."
         )
-    return diffrax.BacksolveAdjoint(**options)
+    return ContinuousAdjoint(diffrax.BacksolveAdjoint(**options))
 
 
 def _check_options(name: str, options: dict, valid: tuple[str, ...]) -> None:
@@ -75,7 +76,8 @@ def get_adjoint(name: str, **options) -> diffrax.AbstractAdjoint:
     **Arguments:**
 
     - `name`: one of `neuralode.ADJOINT_NAMES`: `"backprop"` (every intermediate kept),
-        `"continuous"` (`diffrax.BacksolveAdjoint`: continuous adjoint, approximate),
+        `"continuous"` (`neuralode.ContinuousAdjoint` around `diffrax.BacksolveAdjoint`:
+        continuous adjoint, approximate),
         `"symplectic"` (`neuralode.SymplecticAdjoint`: exact, memory-lean).
     - `options`: for `"continuous"`: `rtol`, `atol`, `seminorm`, `solver`,
         `stepsize_controller`, `dt0`, `max_steps` of the backward solve. The others take

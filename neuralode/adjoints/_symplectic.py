@@ -19,7 +19,6 @@ controllers stop gradients through their error estimates), so the result equals
 """
 
 import functools as ft
-from collections.abc import Callable
 
 import diffrax
 import equinox as eqx
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from . import _diffrax_private as private
+from ._closure import closure_convert_terms
 from ._tableau import explicit_tableau, pullback_stages, recompute_stages
 
 _lax_while_loop = ft.partial(eqxi.while_loop, kind="lax")
@@ -113,10 +113,7 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
             terms, solver, event, saveat, max_steps, passed_solver_state
         )
         y0 = init_state.y
-        terms = _ClosureConvertedTerm(
-            terms,
-            eqx.filter_closure_convert(terms.vf, init_state.tprev, y0, args),
-        )
+        terms = closure_convert_terms(terms, init_state.tprev, y0, args)
         init_state = eqx.tree_at(lambda s: s.y, init_state, object())
         init_state = private.nondiff_solver_controller_state(
             self, init_state, passed_solver_state, passed_controller_state
@@ -131,27 +128,6 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
             **kwargs,
         )
         return private.only_transpose_ys(final_state), aux_stats
-
-
-class _ClosureConvertedTerm(diffrax.AbstractTerm):
-    """`term` with its vector field closure-converted: arrays the field closes over
-    (e.g. `ODETerm(lambda t, y, args: model(y))`) become leaves of the term, so the custom
-    VJP returns their cotangents instead of JAX raising `CustomVJPException`."""
-
-    term: diffrax.AbstractTerm
-    vf_converted: Callable
-
-    def vf(self, t, y, args):
-        return self.vf_converted(t, y, args)
-
-    def contr(self, t0, t1, **kwargs):
-        return self.term.contr(t0, t1, **kwargs)
-
-    def prod(self, vf, control):
-        return self.term.prod(vf, control)
-
-    def is_vf_expensive(self, t0, t1, y, args):
-        return self.term.is_vf_expensive(t0, t1, y, args)
 
 
 def _refuse(what: str, instead: str) -> NotImplementedError:

@@ -1,0 +1,46 @@
+"""The continuous adjoint (optimise-then-discretise): Diffrax's `BacksolveAdjoint`.
+
+The adjoint a(t) = ∂L/∂y(t) solves da/dt = −a·∂f/∂y backwards from t1 alongside y itself
+(recomputed backwards) and the parameter cotangent, dθ̄/dt = −a·∂f/∂θ (Pontryagin; Chen et
+al. 2018). Memory does not depend on the number of steps, but the recomputed backward
+trajectory differs from the forward one, so the gradient is only as accurate as the
+tolerances of both solves.
+"""
+
+import diffrax
+
+from ._closure import closure_convert_terms
+
+
+class ContinuousAdjoint(diffrax.AbstractAdjoint):
+    """`diffrax.BacksolveAdjoint`, accepting vector fields that close over arrays.
+
+    **Arguments:**
+
+    - `backsolve`: the configured `diffrax.BacksolveAdjoint` that does the work.
+
+    ??? cite "References"
+
+        ```bibtex
+        @inproceedings{chen2018neural,
+            title = {Neural Ordinary Differential Equations},
+            author = {Chen, Ricky T. Q. and Rubanova, Yulia and Bettencourt, Jesse and
+                      Duvenaud, David},
+            booktitle = {Advances in Neural Information Processing Systems},
+            year = {2018},
+        }
+
+        @inproceedings{kidger2021hey,
+            title = {``Hey, that's not an ODE'': Faster ODE Adjoints via Seminorms},
+            author = {Kidger, Patrick and Chen, Ricky T. Q. and Lyons, Terry},
+            booktitle = {International Conference on Machine Learning},
+            year = {2021},
+        }
+        ```
+    """
+
+    backsolve: diffrax.BacksolveAdjoint
+
+    def loop(self, *, terms, args, init_state, **kwargs):
+        terms = closure_convert_terms(terms, init_state.tprev, init_state.y, args)
+        return self.backsolve.loop(terms=terms, args=args, init_state=init_state, **kwargs)
