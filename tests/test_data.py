@@ -13,17 +13,17 @@ def test_simulate_is_accurate():
     ts = jnp.linspace(0.0, 2.0, 5)
     ys = neuralode.data.simulate(lambda t, y, args: -y, jnp.array([1.0, 2.0]), ts)
     np.testing.assert_allclose(ys, np.exp(-ts)[:, None] * np.array([1.0, 2.0]),
-                               rtol=1e-6)
+                               rtol=1e-5)
 
 
 def test_spiral_trajectory():
-    ts, ys = neuralode.data.spiral_trajectory(num_times=30, t1=1.0)
-    assert ts.shape == (30,) and ys.shape == (30, 2)
+    ts, ys = neuralode.data.spiral_trajectory(num_times=201, t1=1.0)
+    assert ts.shape == (201,) and ys.shape == (201, 2)
     np.testing.assert_allclose(ys[0], neuralode.data.SPIRAL_Y0)
     # Finite differences follow the field dy/dt = (y³)A.
     dy = (ys[2:] - ys[:-2]) / (ts[2] - ts[0])
     field = neuralode.data.spiral_field(0.0, ys[1:-1])
-    np.testing.assert_allclose(dy, field, rtol=0.05, atol=0.05)
+    np.testing.assert_allclose(dy, field, rtol=0.01, atol=0.01)
 
 
 def test_damped_pendulum_loses_energy(getkey):

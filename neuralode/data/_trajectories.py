@@ -30,7 +30,7 @@ def simulate(
     field, y0: Float[ArrayLike, "... dim"], ts: Float[ArrayLike, " times"]
 ) -> Float[Array, "times ... dim"]:
     """Solve dy/dt = field(t, y, None) from `y0` at `ts[0]`, saved at `ts`, accurately
-    (Dopri8, rtol 1e-7, atol 1e-9): the ground truth the examples fit.
+    (Tsit5, rtol 1e-7, atol 1e-9): the ground truth the examples fit.
 
     **Returns:**
 
@@ -40,7 +40,7 @@ def simulate(
     y0 = jnp.asarray(y0)
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(field),
-        diffrax.Dopri8(),
+        diffrax.Tsit5(),
         t0=ts[0],
         t1=ts[-1],
         dt0=None,
