@@ -190,9 +190,7 @@ def make_adjoint(strategy: str, n: int, tol=None):
 
     if strategy in neuralode.ADJOINT_NAMES:
         if strategy == "continuous" and tol is not None:
-            # What get_adjoint("continuous", rtol=tol, atol=tol) builds.
-            return diffrax.BacksolveAdjoint(
-                stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol))
+            return neuralode.get_adjoint("continuous", rtol=tol, atol=tol)
         return neuralode.get_adjoint(strategy)
     return {
         "diffrax_rca": lambda: diffrax.RecursiveCheckpointAdjoint(),
@@ -734,17 +732,18 @@ def write_markdown(results: dict, out_dir: str) -> str:
             f"{fmt(e['peak_bytes_exp_n'], '.2f')} | "
             f"{fmt(e['peak_bytes_states_per_step'], '.2f')} |")
 
-    def table(title, sweep, var, extra=()):
+    def table(title, sweep, var):
         sel = [r for r in rows if r["sweep"] == sweep]
         if not sel:
             return
+        second = "stages" if var == "solver" else "solver"
         lines.extend(["", f"## {title}", "",
-                      f"| strategy | {var} | solver | xla MiB | peak MiB | time ms | err | "
+                      f"| strategy | {var} | {second} | xla MiB | peak MiB | time ms | err | "
                       "err∞ | nfe fwd | nfe bwd |",
                       "|---|---|---|---|---|---|---|---|---|---|"])
         for r in sel:
             lines.append(
-                f"| {r['strategy']} | {r[var]} | {r['solver']} | "
+                f"| {r['strategy']} | {r[var]} | {r[second]} | "
                 f"{fmt_bytes(r.get('xla_temp_bytes'))} | {fmt_bytes(r.get('peak_bytes'))} | "
                 f"{fmt(r.get('time_ms'), '.2f')} | {fmt(r.get('grad_rel_error'), '.1e')} | "
                 f"{fmt(r.get('grad_rel_error_continuous'), '.1e')} | "
@@ -853,6 +852,9 @@ def main(argv=None):
     parser.add_argument("--budget-s", type=float, default=None,
                         help="wall-time budget; configurations past it are skipped")
     parser.add_argument("--peak-workers", type=int, default=None)
+    parser.add_argument("--render", metavar="DIR",
+                        help="only rewrite DIR/results.md and the plots from "
+                             "DIR/results.json")
     parser.add_argument("--peak-worker", help=argparse.SUPPRESS)
     parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -864,6 +866,13 @@ def main(argv=None):
         p = json.loads(args.torch_worker)
         rows = torch_worker(p["configs"], p["repeats"], time.perf_counter() + p["budget_s"])
         print("RESULT " + json.dumps(rows))
+        return
+
+    if args.render:
+        with open(os.path.join(args.render, "results.json")) as f:
+            results = json.load(f)
+        plot(results, args.render)
+        print(write_markdown(results, args.render).split("## Plots")[0])
         return
 
     start = time.perf_counter()

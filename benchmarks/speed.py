@@ -72,10 +72,10 @@ def main(argv=None):
           f"diffrax {diffrax.__version__}; Tsit5, n={STEPS}, MLP({STATE}->{WIDTH}->{WIDTH}"
           f"->{STATE}, tanh), batch {BATCH}, float32, median of {args.repeats} "
           "interleaved runs")
-    print(f"symplectic                           {med['symplectic']:9.2f} ms")
-    print(f"RecursiveCheckpointAdjoint(checkpoints=n) {med['diffrax_rca_n']:9.2f} ms")
-    print(f"ratio symplectic / RCA(n)            {result['ratio']:9.3f}")
-    print(f"relative difference of the gradients {result['grad_rel_difference']:.1e}")
+    print(f"{'symplectic':42s} {med['symplectic']:9.2f} ms")
+    print(f"{'RecursiveCheckpointAdjoint(checkpoints=n)':42s} {med['diffrax_rca_n']:9.2f} ms")
+    print(f"{'ratio symplectic / RCA(n)':42s} {result['ratio']:9.3f}")
+    print(f"{'relative difference of the gradients':42s} {result['grad_rel_difference']:9.1e}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
