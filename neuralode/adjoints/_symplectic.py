@@ -273,6 +273,8 @@ def _symplectic_loop_bwd(
             t_start,
             t_end,
             y_start,
+            # Dense output needs every k; the stage pullback all but the last.
+            num_computed=num_stages if num_ts else num_stages - 1,
         )
         y_start_bar = jtu.tree_map(jnp.zeros_like, y0)
         k_bar = jtu.tree_map(jnp.zeros_like, ks)

@@ -79,10 +79,14 @@ def _stage_input(a_i, y0, ks):
 
 
 def recompute_stages(
-    tableau: ExplicitTableau, num_stages: int, vf_prod: Callable, t0, t1, y0
+    tableau: ExplicitTableau, num_stages: int, vf_prod: Callable, t0, t1, y0, *,
+    num_computed: int | None = None,
 ):
     """The increments k_1..k_{num_stages} of the step from (t0, y0) to t1, as a PyTree
-    of `(num_stages, *leaf.shape)` buffers. Nothing is kept for differentiation."""
+    of `(num_stages, *leaf.shape)` buffers. Nothing is kept for differentiation.
+
+    Only the first `num_computed` (default: all) are evaluated, the rest left zero: the
+    pullback needs k_j only to form later stage inputs, so never the last one's."""
     a = jnp.asarray(tableau.a[:num_stages, :num_stages])
     c = jnp.asarray(tableau.c[:num_stages], dtype=jnp.result_type(t0))
     ks = jtu.tree_map(lambda y: jnp.zeros((num_stages, *y.shape), y.dtype), y0)
@@ -92,7 +96,9 @@ def recompute_stages(
         k_i = vf_prod(_stage_time(c[i], t0, t1), y_i)
         return jtu.tree_map(lambda buf, k: buf.at[i].set(k), ks, k_i)
 
-    return lax.fori_loop(0, num_stages, body, ks)
+    return lax.fori_loop(
+        0, num_stages if num_computed is None else num_computed, body, ks
+    )
 
 
 def pullback_stages(
