@@ -33,14 +33,14 @@ class CubedInputField(eqx.Module):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     neuralode.add_training_arguments(
-        parser, niters=1000, batch_size=20, lr=3e-3, steps=9, out="runs/spiral",
+        parser, niters=2000, batch_size=20, lr=3e-3, steps=19, out="runs/spiral",
         checkpoint_every=100,
     )
     g = parser.add_argument_group("problem")
     g.add_argument("--num-times", type=neuralode.positive_int, default=1000,
                    help="samples of the true trajectory on [0, 25] (default: 1000)")
-    g.add_argument("--window", type=neuralode.positive_int, default=10,
-                   help="samples per training window (default: 10)")
+    g.add_argument("--window", type=neuralode.positive_int, default=20,
+                   help="samples per training window (default: 20)")
     g.add_argument("--width", type=neuralode.positive_int, default=50,
                    help="hidden width of the MLP field (default: 50)")
     g.add_argument("--depth", type=neuralode.positive_int, default=1,

@@ -206,3 +206,16 @@ def test_physics(tmp_path):
     assert metrics["nfe"] == [4, 4]  # Ralston: 2 stages, 2 steps
     for name in ("metrics.json", "checkpoint.eqx", "loss.png", "physics.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_compare_adjoints_table(tmp_path):
+    table = example("compare_adjoints").main(
+        ["--niters", "2", "--adjoints", "backprop", "symplectic", "--out", str(tmp_path),
+         "--", *TINY_SPIRAL, *COARSE]
+    )
+    lines = table.splitlines()
+    assert "-core CPU" in lines[0]
+    assert lines[2].startswith("| strategy |")
+    assert [line.split("|")[1].strip() for line in lines[4:]] == ["`backprop`",
+                                                                   "`symplectic`"]
+    assert (tmp_path / "symplectic" / "metrics.json").exists()
