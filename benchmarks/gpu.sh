@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run every benchmark on one GPU machine and leave all outputs in one folder.
 #
-#   bash benchmarks/gpu.sh OUT_DIR [--quick]
+#   bash benchmarks/gpu.sh OUT_DIR [--quick] [more report.py options, e.g. --budget-s 300]
 #
 # Needs only the preinstalled jax/diffrax/equinox (and torch + torchdiffeq, optional):
 # the repository is put on PYTHONPATH, nothing is installed. Sized to finish in under
@@ -20,10 +20,14 @@ mkdir -p "$OUT"
 start=$(date +%s)
 
 backend=$("$PYTHON" -c "import jax; print(jax.default_backend())" 2>/dev/null | tail -n 1)
-MODE=("$@")
-if [ "$backend" != "gpu" ] && [[ " ${MODE[*]-} " != *" --quick "* ]]; then
+REPORT_ARGS=("$@")
+MODES_ARGS=()
+if [[ " ${REPORT_ARGS[*]-} " == *" --quick "* ]]; then
+    MODES_ARGS+=(--quick)
+elif [ "$backend" != "gpu" ]; then
     echo "gpu.sh: no GPU (JAX backend: ${backend:-unknown}); running the --quick sizes." >&2
-    MODE+=(--quick)
+    REPORT_ARGS+=(--quick)
+    MODES_ARGS+=(--quick)
 fi
 {
     echo "backend: $backend"
@@ -32,8 +36,8 @@ fi
 } > "$OUT/device.txt" 2>&1
 
 status=0
-"$PYTHON" benchmarks/report.py "${MODE[@]}" --out "$OUT" 2>&1 | tee "$OUT/report.log" || status=1
-"$PYTHON" benchmarks/modes.py "${MODE[@]}" --out "$OUT" 2>&1 | tee "$OUT/modes.log" || status=1
+"$PYTHON" benchmarks/report.py ${REPORT_ARGS[@]+"${REPORT_ARGS[@]}"} --out "$OUT" 2>&1 | tee "$OUT/report.log" || status=1
+"$PYTHON" benchmarks/modes.py ${MODES_ARGS[@]+"${MODES_ARGS[@]}"} --out "$OUT" 2>&1 | tee "$OUT/modes.log" || status=1
 "$PYTHON" benchmarks/speed.py --json "$OUT/speed.json" 2>&1 | tee "$OUT/speed.log" || status=1
 echo "gpu.sh: done in $(( $(date +%s) - start )) s, outputs in $OUT (status $status)"
 exit $status
