@@ -7,8 +7,8 @@ variables in continuous time, d log p(z(t))/dt = -tr(∂f/∂z), gives
 
 so one solve of the augmented state [z, Δ] gives the log-likelihood, and training
 minimises its negative mean. The trace is exact (`jax.jacfwd`: two Jacobian-vector
-products in 2-D) or Hutchinson's estimate εᵀ(∂f/∂z)ε with Rademacher noise ε drawn once per batch
-and passed to the vector field through `args` (`--hutchinson`).
+products in 2-D) or Hutchinson's estimate εᵀ(∂f/∂z)ε with Rademacher noise ε drawn once
+per batch and passed to the vector field through `args` (`--hutchinson`).
 
     python examples/cnf.py --density 8gaussians --out runs/cnf
 
@@ -71,8 +71,13 @@ def sample(model: neuralode.NeuralODE, z1):
     field = model.field.field
     dt0 = None if model.dt0 is None else -model.dt0
     return diffrax.diffeqsolve(
-        diffrax.ODETerm(lambda t, z, args: field(t, z)), model.solver, t0=1.0, t1=0.0,
-        dt0=dt0, y0=z1, stepsize_controller=model.stepsize_controller,
+        diffrax.ODETerm(lambda t, z, args: field(t, z)),
+        model.solver,
+        t0=1.0,
+        t1=0.0,
+        dt0=dt0,
+        y0=z1,
+        stepsize_controller=model.stepsize_controller,
         max_steps=model.max_steps,
     ).ys[-1]
 
@@ -88,24 +93,56 @@ def in_chunks(fn, x, size):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     neuralode.add_training_arguments(
-        parser, niters=500, batch_size=256, lr=3e-3, steps=8, out="runs/cnf",
+        parser,
+        niters=500,
+        batch_size=256,
+        lr=3e-3,
+        steps=8,
+        out="runs/cnf",
         checkpoint_every=100,
     )
     g = parser.add_argument_group("problem")
-    g.add_argument("--density", choices=neuralode.data.TOY_DENSITIES,
-                   default="8gaussians", help="toy density (default: 8gaussians)")
-    g.add_argument("--hutchinson", action="store_true",
-                   help="Hutchinson's trace estimator instead of the exact trace")
-    g.add_argument("--num-train", type=neuralode.positive_int, default=20000,
-                   help="training points (default: 20000)")
-    g.add_argument("--num-test", type=neuralode.positive_int, default=5000,
-                   help="held-out points (default: 5000)")
-    g.add_argument("--width", type=neuralode.positive_int, default=64,
-                   help="hidden width of the MLP field (default: 64)")
-    g.add_argument("--depth", type=neuralode.positive_int, default=3,
-                   help="hidden layers of the MLP field (default: 3)")
-    g.add_argument("--grid", type=neuralode.positive_int, default=100,
-                   help="density plot resolution per axis (default: 100)")
+    g.add_argument(
+        "--density",
+        choices=neuralode.data.TOY_DENSITIES,
+        default="8gaussians",
+        help="toy density (default: 8gaussians)",
+    )
+    g.add_argument(
+        "--hutchinson",
+        action="store_true",
+        help="Hutchinson's trace estimator instead of the exact trace",
+    )
+    g.add_argument(
+        "--num-train",
+        type=neuralode.positive_int,
+        default=20000,
+        help="training points (default: 20000)",
+    )
+    g.add_argument(
+        "--num-test",
+        type=neuralode.positive_int,
+        default=5000,
+        help="held-out points (default: 5000)",
+    )
+    g.add_argument(
+        "--width",
+        type=neuralode.positive_int,
+        default=64,
+        help="hidden width of the MLP field (default: 64)",
+    )
+    g.add_argument(
+        "--depth",
+        type=neuralode.positive_int,
+        default=3,
+        help="hidden layers of the MLP field (default: 3)",
+    )
+    g.add_argument(
+        "--grid",
+        type=neuralode.positive_int,
+        default=100,
+        help="density plot resolution per axis (default: 100)",
+    )
     return parser
 
 
@@ -117,8 +154,9 @@ def main(argv: list[str] | None = None) -> dict:
     test = neuralode.data.sample_toy_density(args.density, test_key, args.num_test)
 
     controller, dt0, max_steps = neuralode.stepping_from_args(args, 1.0)
-    field = neuralode.MLPField(2, args.width, args.depth, time_dependent=True,
-                               key=model_key)
+    field = neuralode.MLPField(
+        2, args.width, args.depth, time_dependent=True, key=model_key
+    )
     model = neuralode.NeuralODE(
         FFJORDField(field, args.hutchinson),
         solver=neuralode.solver_from_name(args.solver),
@@ -141,13 +179,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     with neuralode.exit_on_training_error():
         model, metrics = neuralode.fit(
-            loss_fn, model, optax.adam(args.lr), sample_batch,
-            niters=args.niters, key=fit_key, out_dir=args.out,
+            loss_fn,
+            model,
+            optax.adam(args.lr),
+            sample_batch,
+            niters=args.niters,
+            key=fit_key,
+            out_dir=args.out,
             config={"example": "cnf", **neuralode.run_config(args)},
-            metadata={"adjoint": args.adjoint, "solver": args.solver,
-                      "density": args.density, "hutchinson": args.hutchinson},
-            checkpoint_every=args.checkpoint_every, resume=args.resume,
-            progress=not args.no_progress, desc=f"cnf/{args.adjoint}",
+            metadata={
+                "adjoint": args.adjoint,
+                "solver": args.solver,
+                "density": args.density,
+                "hutchinson": args.hutchinson,
+            },
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            progress=not args.no_progress,
+            desc=f"cnf/{args.adjoint}",
         )
 
     # Held-out likelihood with the exact trace, whatever the training used.
@@ -160,18 +209,31 @@ def main(argv: list[str] | None = None) -> dict:
 
     lim = 4.0
     axis = np.linspace(-lim, lim, args.grid)
-    grid = jnp.asarray(np.stack(np.meshgrid(axis, axis), -1).reshape(-1, 2), train.dtype)
+    grid = jnp.asarray(
+        np.stack(np.meshgrid(axis, axis), -1).reshape(-1, 2), train.dtype
+    )
     density = np.exp(in_chunks(logp_fn, grid, chunk)).reshape(args.grid, args.grid)
     z1 = jax.random.normal(sample_key, (min(args.num_test, 2000), 2), train.dtype)
     samples = np.asarray(eqx.filter_jit(sample)(model, z1))
 
     neuralode.save_metrics(os.path.join(args.out, "metrics.json"), metrics)
-    neuralode.plot_loss(metrics, os.path.join(args.out, "loss.png"),
-                        title=f"CNF {args.density}: training NLL ({args.adjoint})")
-    plot_density(np.asarray(test), density, samples, lim, args.density,
-                 os.path.join(args.out, "cnf.png"))
-    print(f"held-out NLL {metrics['test_nll']:.4f} (fitted Gaussian "
-          f"{metrics['gaussian_nll']:.4f}); wrote {args.out}/")
+    neuralode.plot_loss(
+        metrics,
+        os.path.join(args.out, "loss.png"),
+        title=f"CNF {args.density}: training NLL ({args.adjoint})",
+    )
+    plot_density(
+        np.asarray(test),
+        density,
+        samples,
+        lim,
+        args.density,
+        os.path.join(args.out, "cnf.png"),
+    )
+    print(
+        f"held-out NLL {metrics['test_nll']:.4f} (fitted Gaussian "
+        f"{metrics['gaussian_nll']:.4f}); wrote {args.out}/"
+    )
     return metrics
 
 
@@ -185,8 +247,9 @@ def plot_density(data, density, samples, lim, name, path):
     bins = np.linspace(-lim, lim, 80)
     axes[0].hist2d(data[:, 0], data[:, 1], bins=bins, cmap="viridis")
     axes[0].set_title(f"data ({name})")
-    axes[1].imshow(density, origin="lower", extent=(-lim, lim, -lim, lim),
-                   cmap="viridis")
+    axes[1].imshow(
+        density, origin="lower", extent=(-lim, lim, -lim, lim), cmap="viridis"
+    )
     axes[1].set_title("learned density")
     axes[2].hist2d(samples[:, 0], samples[:, 1], bins=bins, cmap="viridis")
     axes[2].set_title("samples")

@@ -16,29 +16,48 @@ import numpy as np
 
 import neuralode
 
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import spiral  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--niters", type=neuralode.positive_int, default=200,
-                        help="iterations per strategy (default: 200)")
-    parser.add_argument("--out", default="runs/compare",
-                        help="directory for the runs (default: runs/compare)")
-    parser.add_argument("--adjoints", nargs="+", choices=neuralode.ADJOINT_NAMES,
-                        default=list(neuralode.ADJOINT_NAMES),
-                        help="strategies to compare (default: all)")
-    parser.add_argument("spiral_args", nargs="*",
-                        help="options passed to examples/spiral.py (after --)")
+    parser.add_argument(
+        "--niters",
+        type=neuralode.positive_int,
+        default=200,
+        help="iterations per strategy (default: 200)",
+    )
+    parser.add_argument(
+        "--out",
+        default="runs/compare",
+        help="directory for the runs (default: runs/compare)",
+    )
+    parser.add_argument(
+        "--adjoints",
+        nargs="+",
+        choices=neuralode.ADJOINT_NAMES,
+        default=list(neuralode.ADJOINT_NAMES),
+        help="strategies to compare (default: all)",
+    )
+    parser.add_argument(
+        "spiral_args", nargs="*", help="options passed to examples/spiral.py (after --)"
+    )
     args = parser.parse_args(argv)
 
     rows = []
     for adjoint in args.adjoints:
         metrics = spiral.main(
-            [*args.spiral_args, "--adjoint", adjoint, "--niters", str(args.niters),
-             "--out", os.path.join(args.out, adjoint), "--no-progress"]
+            [
+                *args.spiral_args,
+                "--adjoint",
+                adjoint,
+                "--niters",
+                str(args.niters),
+                "--out",
+                os.path.join(args.out, adjoint),
+                "--no-progress",
+            ]
         )
         # The first iteration is excluded: it includes one-off dispatch costs.
         per_iter = np.median(metrics["time_s"][1:] or metrics["time_s"])
@@ -48,18 +67,23 @@ def main(argv: list[str] | None = None) -> str:
             f"{metrics['nfe'][-1]} | {metrics['loss'][-1]:.4g} |"
         )
     config = metrics["config"]
-    table = "\n".join([
-        f"Spiral, {args.niters} iterations, solver {config['solver']}, "
-        + (f"{config['steps']} constant steps" if config["steps"] else
-           f"rtol {config['rtol']}, atol {config['atol']}")
-        + f" per window, batch {config['batch_size']}, width {config['width']}; "
-        f"{os.cpu_count()}-core CPU ({platform.machine()}).",
-        "",
-        "| strategy | XLA temp memory of the step (KiB) | time per iteration (ms, "
-        "median) | compile (s) | forward nfe / iter | final loss |",
-        "|---|---:|---:|---:|---:|---:|",
-        *rows,
-    ])
+    table = "\n".join(
+        [
+            f"Spiral, {args.niters} iterations, solver {config['solver']}, "
+            + (
+                f"{config['steps']} constant steps"
+                if config["steps"]
+                else f"rtol {config['rtol']}, atol {config['atol']}"
+            )
+            + f" per window, batch {config['batch_size']}, width {config['width']}; "
+            f"{os.cpu_count()}-core CPU ({platform.machine()}).",
+            "",
+            "| strategy | XLA temp memory of the step (KiB) | time per iteration (ms, "
+            "median) | compile (s) | forward nfe / iter | final loss |",
+            "|---|---:|---:|---:|---:|---:|",
+            *rows,
+        ]
+    )
     print(table)
     return table
 

@@ -24,20 +24,45 @@ import neuralode
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     neuralode.add_training_arguments(
-        parser, niters=1500, batch_size=64, lr=3e-3, steps=10, out="runs/physics",
+        parser,
+        niters=1500,
+        batch_size=64,
+        lr=3e-3,
+        steps=10,
+        out="runs/physics",
         checkpoint_every=100,
     )
     g = parser.add_argument_group("problem")
-    g.add_argument("--num-trajectories", type=neuralode.positive_int, default=32,
-                   help="simulated training trajectories (default: 32)")
-    g.add_argument("--num-times", type=neuralode.positive_int, default=201,
-                   help="samples per trajectory on [0, 10] (default: 201)")
-    g.add_argument("--window", type=neuralode.positive_int, default=20,
-                   help="samples per training window (default: 20)")
-    g.add_argument("--width", type=neuralode.positive_int, default=64,
-                   help="hidden width of the MLP field (default: 64)")
-    g.add_argument("--depth", type=neuralode.positive_int, default=2,
-                   help="hidden layers of the MLP field (default: 2)")
+    g.add_argument(
+        "--num-trajectories",
+        type=neuralode.positive_int,
+        default=32,
+        help="simulated training trajectories (default: 32)",
+    )
+    g.add_argument(
+        "--num-times",
+        type=neuralode.positive_int,
+        default=201,
+        help="samples per trajectory on [0, 10] (default: 201)",
+    )
+    g.add_argument(
+        "--window",
+        type=neuralode.positive_int,
+        default=20,
+        help="samples per training window (default: 20)",
+    )
+    g.add_argument(
+        "--width",
+        type=neuralode.positive_int,
+        default=64,
+        help="hidden width of the MLP field (default: 64)",
+    )
+    g.add_argument(
+        "--depth",
+        type=neuralode.positive_int,
+        default=2,
+        help="hidden layers of the MLP field (default: 2)",
+    )
     return parser
 
 
@@ -57,7 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
     train, test = trajectories[:-4], trajectories[-4:]
     window_ts = ts[: args.window]
 
-    controller, dt0, max_steps = neuralode.stepping_from_args(args, float(window_ts[-1]))
+    controller, dt0, max_steps = neuralode.stepping_from_args(
+        args, float(window_ts[-1])
+    )
     model = neuralode.NeuralODE(
         neuralode.MLPField(2, args.width, args.depth, key=model_key),
         solver=neuralode.solver_from_name(args.solver),
@@ -78,31 +105,56 @@ def main(argv: list[str] | None = None) -> dict:
 
     with neuralode.exit_on_training_error():
         model, metrics = neuralode.fit(
-            loss_fn, model, optax.adam(args.lr), sample_batch,
-            niters=args.niters, key=fit_key, out_dir=args.out,
+            loss_fn,
+            model,
+            optax.adam(args.lr),
+            sample_batch,
+            niters=args.niters,
+            key=fit_key,
+            out_dir=args.out,
             config={"example": "physics", **neuralode.run_config(args)},
-            metadata={"adjoint": args.adjoint, "solver": args.solver,
-                      "system": "damped pendulum"},
-            checkpoint_every=args.checkpoint_every, resume=args.resume,
-            progress=not args.no_progress, desc=f"physics/{args.adjoint}",
+            metadata={
+                "adjoint": args.adjoint,
+                "solver": args.solver,
+                "system": "damped pendulum",
+            },
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            progress=not args.no_progress,
+            desc=f"physics/{args.adjoint}",
         )
 
     # Roll out from the held-out initial states over the whole span, accurately.
     rollout = diffrax.diffeqsolve(
-        diffrax.ODETerm(model.field), diffrax.Tsit5(), t0=ts[0], t1=ts[-1], dt0=None,
-        y0=test[:, 0], saveat=diffrax.SaveAt(ts=ts),
+        diffrax.ODETerm(model.field),
+        diffrax.Tsit5(),
+        t0=ts[0],
+        t1=ts[-1],
+        dt0=None,
+        y0=test[:, 0],
+        saveat=diffrax.SaveAt(ts=ts),
         stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-8),
-        max_steps=100_000, throw=False,
+        max_steps=100_000,
+        throw=False,
     ).ys
     rollout = jnp.swapaxes(rollout, 0, 1)
     metrics["rollout_mae"] = float(jnp.mean(jnp.abs(rollout - test)))
     neuralode.save_metrics(os.path.join(args.out, "metrics.json"), metrics)
-    neuralode.plot_loss(metrics, os.path.join(args.out, "loss.png"),
-                        title=f"pendulum: training loss ({args.adjoint})")
-    plot_rollout(np.asarray(ts), np.asarray(test), np.asarray(rollout),
-                 os.path.join(args.out, "physics.png"))
-    print(f"final loss {metrics['loss'][-1]:.4g}, held-out rollout MAE "
-          f"{metrics['rollout_mae']:.4g}; wrote {args.out}/")
+    neuralode.plot_loss(
+        metrics,
+        os.path.join(args.out, "loss.png"),
+        title=f"pendulum: training loss ({args.adjoint})",
+    )
+    plot_rollout(
+        np.asarray(ts),
+        np.asarray(test),
+        np.asarray(rollout),
+        os.path.join(args.out, "physics.png"),
+    )
+    print(
+        f"final loss {metrics['loss'][-1]:.4g}, held-out rollout MAE "
+        f"{metrics['rollout_mae']:.4g}; wrote {args.out}/"
+    )
     return metrics
 
 
@@ -115,8 +167,13 @@ def plot_rollout(ts, truth, pred, path):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=80)
     for i in range(len(truth)):
         ax1.plot(ts, truth[i, :, 0], "k-", lw=1, label="truth" if i == 0 else None)
-        ax1.plot(ts, pred[i, :, 0], f"C{i}--", lw=1.2,
-                 label="learned rollout" if i == 0 else None)
+        ax1.plot(
+            ts,
+            pred[i, :, 0],
+            f"C{i}--",
+            lw=1.2,
+            label="learned rollout" if i == 0 else None,
+        )
         ax2.plot(truth[i, :, 0], truth[i, :, 1], "k-", lw=1)
         ax2.plot(pred[i, :, 0], pred[i, :, 1], f"C{i}--", lw=1.2)
     ax1.set_xlabel("t")

@@ -33,18 +33,39 @@ class CubedInputField(eqx.Module):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     neuralode.add_training_arguments(
-        parser, niters=2000, batch_size=20, lr=3e-3, steps=19, out="runs/spiral",
+        parser,
+        niters=2000,
+        batch_size=20,
+        lr=3e-3,
+        steps=19,
+        out="runs/spiral",
         checkpoint_every=100,
     )
     g = parser.add_argument_group("problem")
-    g.add_argument("--num-times", type=neuralode.positive_int, default=1000,
-                   help="samples of the true trajectory on [0, 25] (default: 1000)")
-    g.add_argument("--window", type=neuralode.positive_int, default=20,
-                   help="samples per training window (default: 20)")
-    g.add_argument("--width", type=neuralode.positive_int, default=50,
-                   help="hidden width of the MLP field (default: 50)")
-    g.add_argument("--depth", type=neuralode.positive_int, default=1,
-                   help="hidden layers of the MLP field (default: 1)")
+    g.add_argument(
+        "--num-times",
+        type=neuralode.positive_int,
+        default=1000,
+        help="samples of the true trajectory on [0, 25] (default: 1000)",
+    )
+    g.add_argument(
+        "--window",
+        type=neuralode.positive_int,
+        default=20,
+        help="samples per training window (default: 20)",
+    )
+    g.add_argument(
+        "--width",
+        type=neuralode.positive_int,
+        default=50,
+        help="hidden width of the MLP field (default: 50)",
+    )
+    g.add_argument(
+        "--depth",
+        type=neuralode.positive_int,
+        default=1,
+        help="hidden layers of the MLP field (default: 1)",
+    )
     return parser
 
 
@@ -56,9 +77,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     ts, ys = neuralode.data.spiral_trajectory(args.num_times)
     window_ts = ts[: args.window]
-    controller, dt0, max_steps = neuralode.stepping_from_args(args, float(window_ts[-1]))
+    controller, dt0, max_steps = neuralode.stepping_from_args(
+        args, float(window_ts[-1])
+    )
     model_key, data_key = jax.random.split(jax.random.PRNGKey(args.seed))
-    field = CubedInputField(neuralode.MLPField(2, args.width, args.depth, key=model_key))
+    field = CubedInputField(
+        neuralode.MLPField(2, args.width, args.depth, key=model_key)
+    )
     model = neuralode.NeuralODE(
         field,
         solver=neuralode.solver_from_name(args.solver),
@@ -79,28 +104,46 @@ def main(argv: list[str] | None = None) -> dict:
 
     with neuralode.exit_on_training_error():
         model, metrics = neuralode.fit(
-            loss_fn, model, optax.adam(args.lr), sample_batch,
-            niters=args.niters, key=data_key, out_dir=args.out,
+            loss_fn,
+            model,
+            optax.adam(args.lr),
+            sample_batch,
+            niters=args.niters,
+            key=data_key,
+            out_dir=args.out,
             config={"example": "spiral", **neuralode.run_config(args)},
             metadata={"adjoint": args.adjoint, "solver": args.solver},
-            checkpoint_every=args.checkpoint_every, resume=args.resume,
-            progress=not args.no_progress, desc=f"spiral/{args.adjoint}",
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            progress=not args.no_progress,
+            desc=f"spiral/{args.adjoint}",
         )
 
     # The whole trajectory from y0, solved accurately: how well the field was learned.
     pred = diffrax.diffeqsolve(
-        diffrax.ODETerm(model.field), diffrax.Tsit5(), t0=ts[0], t1=ts[-1], dt0=None,
-        y0=ys[0], saveat=diffrax.SaveAt(ts=ts),
+        diffrax.ODETerm(model.field),
+        diffrax.Tsit5(),
+        t0=ts[0],
+        t1=ts[-1],
+        dt0=None,
+        y0=ys[0],
+        saveat=diffrax.SaveAt(ts=ts),
         stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-8),
-        max_steps=100_000, throw=False,
+        max_steps=100_000,
+        throw=False,
     ).ys
     metrics["trajectory_mae"] = float(jnp.mean(jnp.abs(pred - ys)))
     neuralode.save_metrics(os.path.join(args.out, "metrics.json"), metrics)
-    neuralode.plot_loss(metrics, os.path.join(args.out, "loss.png"),
-                        title=f"spiral: training loss ({args.adjoint})")
+    neuralode.plot_loss(
+        metrics,
+        os.path.join(args.out, "loss.png"),
+        title=f"spiral: training loss ({args.adjoint})",
+    )
     plot_trajectory(ts, ys, pred, os.path.join(args.out, "spiral.png"))
-    print(f"final loss {metrics['loss'][-1]:.4g}, whole-trajectory MAE "
-          f"{metrics['trajectory_mae']:.4g}; wrote {args.out}/")
+    print(
+        f"final loss {metrics['loss'][-1]:.4g}, whole-trajectory MAE "
+        f"{metrics['trajectory_mae']:.4g}; wrote {args.out}/"
+    )
     return metrics
 
 

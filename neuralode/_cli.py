@@ -10,7 +10,6 @@ import diffrax
 from ._train import CheckpointError, TrainingDiverged
 from .adjoints import ADJOINT_NAMES, get_adjoint
 
-
 SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
     "euler": diffrax.Euler,
     "heun": diffrax.Heun,
@@ -32,7 +31,9 @@ def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer, got {text!r}"
+        ) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
@@ -43,9 +44,13 @@ def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number, got {text!r}"
+        ) from None
     if not (0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number, got {text!r}"
+        ) from None
     return value
 
 
@@ -71,34 +76,76 @@ def add_training_arguments(
     `neuralode.parse_training_args`, which checks the combinations.
     """
     g = parser.add_argument_group("training")
-    g.add_argument("--adjoint", choices=ADJOINT_NAMES, default=adjoint,
-                   help=f"gradient strategy (default: {adjoint})")
-    g.add_argument("--solver", choices=tuple(SOLVERS), default=solver,
-                   help=f"explicit Runge-Kutta solver (default: {solver})")
-    g.add_argument("--steps", type=positive_int, default=None,
-                   help=f"constant step size: N steps per solve (default: {steps} "
-                   "unless --rtol/--atol are given)")
-    g.add_argument("--rtol", type=positive_float, default=None,
-                   help="adaptive steps (PID controller) with this relative tolerance; "
-                   "--atol defaults to it")
-    g.add_argument("--atol", type=positive_float, default=None,
-                   help="adaptive steps with this absolute tolerance; --rtol defaults "
-                   "to it")
-    g.add_argument("--max-steps", type=positive_int, default=max_steps,
-                   help=f"bound on adaptive steps per solve (default: {max_steps}); "
-                   "the memory of backprop and symplectic grows with it")
-    g.add_argument("--niters", type=positive_int, default=niters,
-                   help=f"training iterations, in total (default: {niters})")
-    g.add_argument("--batch-size", type=positive_int, default=batch_size,
-                   help=f"minibatch size (default: {batch_size})")
-    g.add_argument("--lr", type=positive_float, default=lr,
-                   help=f"Adam learning rate (default: {lr})")
+    g.add_argument(
+        "--adjoint",
+        choices=ADJOINT_NAMES,
+        default=adjoint,
+        help=f"gradient strategy (default: {adjoint})",
+    )
+    g.add_argument(
+        "--solver",
+        choices=tuple(SOLVERS),
+        default=solver,
+        help=f"explicit Runge-Kutta solver (default: {solver})",
+    )
+    g.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help=f"constant step size: N steps per solve (default: {steps} "
+        "unless --rtol/--atol are given)",
+    )
+    g.add_argument(
+        "--rtol",
+        type=positive_float,
+        default=None,
+        help="adaptive steps (PID controller) with this relative tolerance; "
+        "--atol defaults to it",
+    )
+    g.add_argument(
+        "--atol",
+        type=positive_float,
+        default=None,
+        help="adaptive steps with this absolute tolerance; --rtol defaults to it",
+    )
+    g.add_argument(
+        "--max-steps",
+        type=positive_int,
+        default=max_steps,
+        help=f"bound on adaptive steps per solve (default: {max_steps}); "
+        "the memory of backprop and symplectic grows with it",
+    )
+    g.add_argument(
+        "--niters",
+        type=positive_int,
+        default=niters,
+        help=f"training iterations, in total (default: {niters})",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=batch_size,
+        help=f"minibatch size (default: {batch_size})",
+    )
+    g.add_argument(
+        "--lr",
+        type=positive_float,
+        default=lr,
+        help=f"Adam learning rate (default: {lr})",
+    )
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     g.add_argument("--out", default=out, help=f"output directory (default: {out})")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint.eqx (same options needed)")
-    g.add_argument("--checkpoint-every", type=positive_int, default=checkpoint_every,
-                   help=f"checkpoint every N iterations (default: {checkpoint_every})")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoint.eqx (same options needed)",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        default=checkpoint_every,
+        help=f"checkpoint every N iterations (default: {checkpoint_every})",
+    )
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(_default_steps=steps)
     return parser
@@ -107,16 +154,21 @@ def add_training_arguments(
 def parse_training_args(
     parser: argparse.ArgumentParser, argv: list[str] | None = None
 ) -> argparse.Namespace:
-    """Parse `argv` and check the combinations `add_training_arguments` allows: `--steps`
+    """Parse `argv` and check the combinations `add_training_arguments` allows:
+    `--steps`
     excludes `--rtol`/`--atol`. Fills in the defaults of the step control."""
     args = parser.parse_args(argv)
     adaptive = args.rtol is not None or args.atol is not None
     if args.steps is not None and adaptive:
-        parser.error("--steps (constant steps) cannot be combined with --rtol/--atol "
-                     "(adaptive steps); pass one or the other")
+        parser.error(
+            "--steps (constant steps) cannot be combined with --rtol/--atol "
+            "(adaptive steps); pass one or the other"
+        )
     if adaptive and args.solver == "euler":
-        parser.error("--solver euler has no error estimate, so it cannot take adaptive "
-                     "steps (--rtol/--atol); use --steps or another solver")
+        parser.error(
+            "--solver euler has no error estimate, so it cannot take adaptive "
+            "steps (--rtol/--atol); use --steps or another solver"
+        )
     if adaptive:
         args.rtol = args.atol if args.rtol is None else args.rtol
         args.atol = args.rtol if args.atol is None else args.atol

@@ -2,8 +2,8 @@
 atomic checkpoints that a run can resume from exactly, and a stop on a non-finite loss.
 
 Everything random in a step (the minibatch, Hutchinson noise) is drawn inside the jitted
-step from a key that the step splits and returns. The key is part of the checkpoint, so a
-resumed run draws the same batches as an uninterrupted one and gives the same losses.
+step from a key that the step splits and returns. The key is part of the checkpoint, so
+a resumed run draws the same batches as an uninterrupted one and gives the same losses.
 """
 
 import io
@@ -22,7 +22,6 @@ import numpy as np
 import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
-
 
 CHECKPOINT_NAME = "checkpoint.eqx"
 METRICS_NAME = "metrics.json"
@@ -50,9 +49,10 @@ def function_evaluations(solver: diffrax.AbstractSolver, num_steps: Array) -> Ar
     `num_steps` steps (accepted and rejected), as counted from
     `diffrax.Solution.stats["num_steps"]`.
 
-    A step of an `s`-stage method costs `s` evaluations, or `s - 1` for a method whose last
-    stage is the first stage of the next step (FSAL: Bosh3, Tsit5, Dopri5, Dopri8), which
-    then costs one extra evaluation at the start. The count is that of the forward solve;
+    A step of an `s`-stage method costs `s` evaluations, or `s - 1` for a method whose
+    last stage is the first stage of the next step (FSAL: Bosh3, Tsit5, Dopri5,
+    Dopri8), which then costs one extra evaluation at the start. The count is that of
+    the forward solve;
     a gradient strategy adds its own (e.g. the continuous adjoint's backward solve).
 
     **Arguments:**
@@ -94,8 +94,8 @@ def fit(
     progress: bool = True,
     desc: str = "train",
 ) -> TrainResult:
-    """Train `model` for `niters` iterations of `optimiser` on `loss_fn`, with a progress
-    bar, metrics and checkpoints under `out_dir`.
+    """Train `model` for `niters` iterations of `optimiser` on `loss_fn`, with a
+    progress bar, metrics and checkpoints under `out_dir`.
 
     One iteration is one jitted call that splits the key, draws a minibatch with
     `sample_batch`, takes the gradient of `loss_fn` with respect to the model's floating
@@ -107,7 +107,8 @@ def fit(
 
     - `loss_fn`: `loss_fn(model, batch) -> (loss, nfe)`: a scalar loss and the number of
         vector-field evaluations it made (see `neuralode.function_evaluations`).
-    - `model`: the initial model, an Equinox module (for example a `neuralode.NeuralODE`).
+    - `model`: the initial model, an Equinox module (for example a
+        `neuralode.NeuralODE`).
         On resume it is the template the checkpoint is loaded into.
     - `optimiser`: an `optax.GradientTransformation`.
     - `sample_batch`: `sample_batch(key) -> batch`, traceable by JAX.
@@ -115,9 +116,9 @@ def fit(
     - `key`: a `jax.random.PRNGKey`; the first batch is drawn from it. Ignored on resume
         (the checkpoint's key is used).
     - `out_dir`: the directory for `metrics.json` and `checkpoint.eqx` (created).
-    - `config`: a JSON-serialisable dict of everything that must be the same for a run to
-        be resumed (model sizes, data, solver, learning rate, ...). It is stored in the
-        checkpoint and compared on resume.
+    - `config`: a JSON-serialisable dict of everything that must be the same for a run
+        to be resumed (model sizes, data, solver, learning rate, ...). It is stored in
+        the checkpoint and compared on resume.
     - `metadata`: extra JSON-serialisable entries for `metrics.json` (e.g. `adjoint`).
     - `checkpoint_every`: write a checkpoint every this many iterations, and at the end.
     - `resume`: continue from `out_dir/checkpoint.eqx`.
@@ -171,7 +172,9 @@ def fit(
         params = optax.apply_updates(params, updates)
         # Checked here so that parameters that went non-finite are never checkpointed.
         finite = jnp.isfinite(loss) & jnp.all(
-            jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)])
+            jnp.stack(
+                [jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)]
+            )
         )
         return params, opt_state, key, loss, nfe, finite
 
@@ -197,7 +200,11 @@ def fit(
         )
 
     bar = tqdm(
-        range(start, niters), initial=start, total=niters, desc=desc, disable=not progress
+        range(start, niters),
+        initial=start,
+        total=niters,
+        desc=desc,
+        disable=not progress,
     )
     for iteration in bar:
         tic = time.perf_counter()
@@ -207,7 +214,8 @@ def fit(
         if not finite:
             bar.close()
             message = (
-                f"non-finite loss or parameters at iteration {iteration} (loss {loss}); "
+                f"non-finite loss or parameters at iteration {iteration} "
+                f"(loss {loss}); "
                 f"training stopped. The last good checkpoint, if any, is kept in "
                 f"{checkpoint_path}. Try a smaller --lr or smaller/adaptive steps."
             )
@@ -217,7 +225,9 @@ def fit(
         history["loss"].append(loss)
         history["time_s"].append(seconds)
         history["nfe"].append(nfe)
-        bar.set_postfix(loss=f"{loss:.4g}", nfe=nfe, s_it=f"{seconds:.3g}", refresh=False)
+        bar.set_postfix(
+            loss=f"{loss:.4g}", nfe=nfe, s_it=f"{seconds:.3g}", refresh=False
+        )
         done = iteration + 1
         if done % checkpoint_every == 0 or done == niters:
             checkpoint(done)
@@ -266,8 +276,8 @@ def load_checkpoint(
 
     **Raises:**
 
-    `neuralode.CheckpointError` if the file is missing, corrupt, was written with another
-    `config`, or does not match `like`.
+    `neuralode.CheckpointError` if the file is missing, corrupt, was written with
+    another `config`, or does not match `like`.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -302,11 +312,15 @@ def load_checkpoint(
     except Exception as e:  # numpy raises several types on truncated data
         raise CheckpointError(f"{path} is corrupt: {type(e).__name__}: {e}") from None
     if trailing:
-        raise CheckpointError(f"{path} is corrupt or does not match the model: extra data.")
-    for saved, want in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(like)):
-        if np.shape(saved) != np.shape(want) or jnp.result_type(saved) != jnp.result_type(
-            want
-        ):
+        raise CheckpointError(
+            f"{path} is corrupt or does not match the model: extra data."
+        )
+    for saved, want in zip(
+        jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(like), strict=True
+    ):
+        if np.shape(saved) != np.shape(want) or jnp.result_type(
+            saved
+        ) != jnp.result_type(want):
             raise CheckpointError(
                 f"{path} does not match the model: an array of shape {np.shape(saved)} "
                 f"and dtype {jnp.result_type(saved)} where {np.shape(want)} and "

@@ -1,7 +1,6 @@
 """The synthetic data sets: trajectories are solutions, windows are slices of them, the
 toy densities have the right shapes, and the Gaussian baseline is a proper NLL."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,8 +11,9 @@ import neuralode
 def test_simulate_is_accurate():
     ts = jnp.linspace(0.0, 2.0, 5)
     ys = neuralode.data.simulate(lambda t, y, args: -y, jnp.array([1.0, 2.0]), ts)
-    np.testing.assert_allclose(ys, np.exp(-ts)[:, None] * np.array([1.0, 2.0]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        ys, np.exp(-ts)[:, None] * np.array([1.0, 2.0]), rtol=1e-5
+    )
 
 
 def test_spiral_trajectory():

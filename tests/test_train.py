@@ -41,10 +41,18 @@ def _problem():
 def _fit(out_dir, niters, *, resume=False, config=None, lr=0.1, checkpoint_every=2):
     model, sample_batch, loss_fn = _problem()
     return neuralode.fit(
-        loss_fn, model, optax.adam(lr), sample_batch, niters=niters,
-        key=jax.random.PRNGKey(0), out_dir=out_dir, config=config or {"lr": lr},
-        metadata={"adjoint": "none"}, checkpoint_every=checkpoint_every,
-        resume=resume, progress=False,
+        loss_fn,
+        model,
+        optax.adam(lr),
+        sample_batch,
+        niters=niters,
+        key=jax.random.PRNGKey(0),
+        out_dir=out_dir,
+        config=config or {"lr": lr},
+        metadata={"adjoint": "none"},
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        progress=False,
     )
 
 
@@ -75,7 +83,12 @@ def test_checkpoint_errors(tmp_path):
 
     with pytest.raises(neuralode.CheckpointError, match="different configuration.*lr"):
         _fit(tmp_path, 4, resume=True, lr=0.5)
-    for bad in (b"garbage", good[:-5], good + b"xx", good.replace(b'"iteration"', b"!")):
+    for bad in (
+        b"garbage",
+        good[:-5],
+        good + b"xx",
+        good.replace(b'"iteration"', b"!"),
+    ):
         path.write_bytes(bad)
         with pytest.raises(neuralode.CheckpointError, match="corrupt|not a neuralode"):
             _fit(tmp_path, 4, resume=True)
@@ -97,16 +110,22 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     # Plain gradient descent with a huge step overflows within a few iterations.
     with pytest.raises(neuralode.TrainingDiverged, match="non-finite"):
         neuralode.fit(
-            loss_fn, model, optax.sgd(1e10), lambda key: None, niters=40,
-            key=jax.random.PRNGKey(0), out_dir=tmp_path, checkpoint_every=1,
+            loss_fn,
+            model,
+            optax.sgd(1e10),
+            lambda key: None,
+            niters=40,
+            key=jax.random.PRNGKey(0),
+            out_dir=tmp_path,
+            checkpoint_every=1,
             progress=False,
         )
     with open(tmp_path / "metrics.json") as f:
         metrics = json.load(f)
     assert "non-finite" in metrics["stopped"]
     (w, _, _), iteration, history = neuralode.load_checkpoint(
-        tmp_path / "checkpoint.eqx", (model, optax.sgd(1e10).init(model),
-                                       jax.random.PRNGKey(0))
+        tmp_path / "checkpoint.eqx",
+        (model, optax.sgd(1e10).init(model), jax.random.PRNGKey(0)),
     )
     assert iteration == len(metrics["loss"]) >= 1 and np.isfinite(w)
     assert history["loss"] == metrics["loss"]
@@ -133,7 +152,12 @@ def test_function_evaluations_match_a_counting_field():
     for solver in (diffrax.Euler(), diffrax.Midpoint(), diffrax.Bosh3()):
         calls.clear()
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(field), solver, 0.0, 1.0, 0.25, jnp.ones(2),
+            diffrax.ODETerm(field),
+            solver,
+            0.0,
+            1.0,
+            0.25,
+            jnp.ones(2),
             adjoint=diffrax.DirectAdjoint(),
         )
         jax.effects_barrier()
@@ -156,7 +180,9 @@ def test_cli_defaults_and_building():
     assert isinstance(controller, diffrax.ConstantStepSize)
     assert dt0 == pytest.approx(0.2) and max_steps == 8
 
-    args = neuralode.parse_training_args(_parser(), ["--rtol", "1e-4", "--max-steps", "9"])
+    args = neuralode.parse_training_args(
+        _parser(), ["--rtol", "1e-4", "--max-steps", "9"]
+    )
     assert args.atol == 1e-4 and args.steps is None
     controller, dt0, max_steps = neuralode.stepping_from_args(args, 1.0)
     assert isinstance(controller, diffrax.PIDController) and dt0 is None
@@ -166,7 +192,9 @@ def test_cli_defaults_and_building():
         assert isinstance(neuralode.adjoint_from_args(args), diffrax.AbstractAdjoint)
     for name, cls in neuralode.SOLVERS.items():
         assert type(neuralode.solver_from_name(name)) is cls
-    config = neuralode.run_config(neuralode.parse_training_args(_parser(), ["--resume"]))
+    config = neuralode.run_config(
+        neuralode.parse_training_args(_parser(), ["--resume"])
+    )
     assert "resume" not in config and "niters" not in config and config["lr"] == 1e-3
 
 

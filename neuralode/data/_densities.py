@@ -6,9 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-
 TOY_DENSITIES: tuple[str, ...] = (
-    "8gaussians", "2spirals", "checkerboard", "moons", "circles"
+    "8gaussians",
+    "2spirals",
+    "checkerboard",
+    "moons",
+    "circles",
 )
 
 
@@ -65,7 +68,8 @@ _SAMPLERS = {
 
 def sample_toy_density(name: str, key: PRNGKeyArray, num: int) -> Float[Array, "num 2"]:
     """Draw `num` points from the 2-D toy density `name`, one of
-    `neuralode.data.TOY_DENSITIES`: eight Gaussians on a circle, two interleaved spirals,
+    `neuralode.data.TOY_DENSITIES`: eight Gaussians on a circle, two interleaved
+    spirals,
     a checkerboard, two moons, two concentric circles. All lie roughly in [-4, 4]²."""
     try:
         sampler = _SAMPLERS[name]

@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-
 SPIRAL_A = np.array([[-0.1, 2.0], [-2.0, -0.1]], dtype=np.float32)
 SPIRAL_Y0 = np.array([2.0, 0.0], dtype=np.float32)
 
@@ -18,7 +17,9 @@ def spiral_field(t, y, args=None):
     return (y**3) @ jnp.asarray(SPIRAL_A, y.dtype)
 
 
-def damped_pendulum_field(t, y, args=None, *, omega_sq: float = 4.0, damping: float = 0.3):
+def damped_pendulum_field(
+    t, y, args=None, *, omega_sq: float = 4.0, damping: float = 0.3
+):
     """A damped pendulum, y = (angle θ, angular velocity ω):
     dθ/dt = ω, dω/dt = −omega_sq·sin θ − damping·ω. `y` has shape `(..., 2)`."""
     del t, args
@@ -56,7 +57,8 @@ def spiral_trajectory(
     num_times: int = 1000, t1: float = 25.0
 ) -> tuple[Float[Array, " times"], Float[Array, "times 2"]]:
     """The spiral ODE (`neuralode.data.spiral_field`) from y0 = [2, 0], sampled at
-    `num_times` equally spaced times on [0, t1] (torchdiffeq's defaults: 1000 on [0, 25]).
+    `num_times` equally spaced times on [0, t1] (torchdiffeq's defaults: 1000 on
+    [0, 25]).
 
     **Returns:**
 
