@@ -46,12 +46,28 @@ SEED = {
     "jax.grad": ("O(m·d²)", "O(m·d)", "stable"),
 }
 SIZES = {
-    "quick": dict(ds=(32, 64, 128, 256), m_time=8, ms=(2, 4, 8, 16, 32), d_time=64,
-                  m_error=(1, 2, 4, 8, 16, 32, 64), d_error=32, conds=(1.0, 1e2),
-                  repeats=5, trials=3),
-    "full": dict(ds=(128, 256, 512, 1024, 2048), m_time=16, ms=(4, 8, 16, 32, 64),
-                 d_time=512, m_error=(1, 4, 16, 64, 128), d_error=64,
-                 conds=(1.0, 1e2), repeats=7, trials=3),
+    "quick": dict(
+        ds=(32, 64, 128, 256),
+        m_time=8,
+        ms=(2, 4, 8, 16, 32),
+        d_time=64,
+        m_error=(1, 2, 4, 8, 16, 32, 64),
+        d_error=32,
+        conds=(1.0, 1e2),
+        repeats=5,
+        trials=3,
+    ),
+    "full": dict(
+        ds=(128, 256, 512, 1024, 2048),
+        m_time=16,
+        ms=(4, 8, 16, 32, 64),
+        d_time=512,
+        m_error=(1, 4, 16, 64, 128),
+        d_error=64,
+        conds=(1.0, 1e2),
+        repeats=7,
+        trials=3,
+    ),
 }
 
 
@@ -135,15 +151,26 @@ def measure(sizes: dict) -> dict:
         return tuple(jnp.asarray(a, dtype) for a in make_layers(m, d, cond, seed))
 
     rows = []
-    for sweep, points in (("d", [(sizes["m_time"], d) for d in sizes["ds"]]),
-                          ("m", [(m, sizes["d_time"]) for m in sizes["ms"]])):
+    for sweep, points in (
+        ("d", [(sizes["m_time"], d) for d in sizes["ds"]]),
+        ("m", [(m, sizes["d_time"]) for m in sizes["ms"]]),
+    ):
         for m, d in points:
             a = args(m, d, 1.0, jnp.float32)
             for name, fn in fns.items():
-                rows.append(dict(
-                    sweep=sweep, method=name, m=m, d=d, dtype="float32",
-                    time_ms=neuralode.median_time_ms(fn, *a, repeats=sizes["repeats"]),
-                    xla_temp_bytes=neuralode.xla_temp_bytes(fn, *a)))
+                rows.append(
+                    dict(
+                        sweep=sweep,
+                        method=name,
+                        m=m,
+                        d=d,
+                        dtype="float32",
+                        time_ms=neuralode.median_time_ms(
+                            fn, *a, repeats=sizes["repeats"]
+                        ),
+                        xla_temp_bytes=neuralode.xla_temp_bytes(fn, *a),
+                    )
+                )
     errors = []
     for cond in sizes["conds"]:
         for m in sizes["m_error"]:
@@ -157,9 +184,17 @@ def measure(sizes: dict) -> dict:
                 for name, fn in fns.items():
                     per[name].append(neuralode.relative_error(fn(*a32), ref))
             for name, errs in per.items():
-                errors.append(dict(method=name, cond=cond, m=m, d=sizes["d_error"],
-                                   dtype="float32", rel_error_median=float(np.median(errs)),
-                                   rel_error_max=float(np.max(errs))))
+                errors.append(
+                    dict(
+                        method=name,
+                        cond=cond,
+                        m=m,
+                        d=sizes["d_error"],
+                        dtype="float32",
+                        rel_error_median=float(np.median(errs)),
+                        rel_error_max=float(np.max(errs)),
+                    )
+                )
     return dict(rows=rows, errors=errors)
 
 
@@ -168,24 +203,35 @@ def summarise(result: dict) -> list[dict]:
 
     out = []
     for name in METHODS:
-        sel = {s: [r for r in result["rows"] if r["method"] == name and r["sweep"] == s]
-               for s in ("d", "m")}
-        err = {c: [e for e in result["errors"] if e["method"] == name and e["cond"] == c]
-               for c in sorted({e["cond"] for e in result["errors"]})}
+        sel = {
+            s: [r for r in result["rows"] if r["method"] == name and r["sweep"] == s]
+            for s in ("d", "m")
+        }
+        err = {
+            c: [e for e in result["errors"] if e["method"] == name and e["cond"] == c]
+            for c in sorted({e["cond"] for e in result["errors"]})
+        }
         entry = dict(
-            method=name, seed_time=SEED[name][0], seed_memory=SEED[name][1],
+            method=name,
+            seed_time=SEED[name][0],
+            seed_memory=SEED[name][1],
             seed_stability=SEED[name][2],
-            time_exp_d=neuralode.fit_exponent([r["d"] for r in sel["d"]],
-                                              [r["time_ms"] for r in sel["d"]]),
-            time_exp_m=neuralode.fit_exponent([r["m"] for r in sel["m"]],
-                                              [r["time_ms"] for r in sel["m"]]),
-            memory_exp_m=neuralode.fit_exponent([r["m"] for r in sel["m"]],
-                                                [r["xla_temp_bytes"] for r in sel["m"]]),
-            memory_exp_d=neuralode.fit_exponent([r["d"] for r in sel["d"]],
-                                                [r["xla_temp_bytes"] for r in sel["d"]]),
+            time_exp_d=neuralode.fit_exponent(
+                [r["d"] for r in sel["d"]], [r["time_ms"] for r in sel["d"]]
+            ),
+            time_exp_m=neuralode.fit_exponent(
+                [r["m"] for r in sel["m"]], [r["time_ms"] for r in sel["m"]]
+            ),
+            memory_exp_m=neuralode.fit_exponent(
+                [r["m"] for r in sel["m"]], [r["xla_temp_bytes"] for r in sel["m"]]
+            ),
+            memory_exp_d=neuralode.fit_exponent(
+                [r["d"] for r in sel["d"]], [r["xla_temp_bytes"] for r in sel["d"]]
+            ),
             # Bytes added per layer, in units of one float32 vector of size d.
             memory_vectors_per_layer=neuralode.fit_increment(
-                [r["m"] for r in sel["m"]], [r["xla_temp_bytes"] for r in sel["m"]])
+                [r["m"] for r in sel["m"]], [r["xla_temp_bytes"] for r in sel["m"]]
+            )
             / (4 * sel["m"][0]["d"]),
         )
         for c, es in err.items():
@@ -204,12 +250,17 @@ def verdict(summary: list[dict]) -> list[str]:
     lines.append(
         f"Time in d: forward recursion grows as d^{f['time_exp_d']:.2f}, backward as "
         f"d^{b['time_exp_d']:.2f} (seed: d³ vs d²). "
-        + ("Agrees in ordering." if f["time_exp_d"] > b["time_exp_d"] + 0.3 else
-           "The measured gap is smaller than the seed's: at these sizes fixed overheads "
-           "and fast matrix kernels hide part of the d³ term."))
+        + (
+            "Agrees in ordering."
+            if f["time_exp_d"] > b["time_exp_d"] + 0.3
+            else "The measured gap is smaller than the seed's: at these sizes fixed overheads "
+            "and fast matrix kernels hide part of the d³ term."
+        )
+    )
     lines.append(
         f"Time in m: forward m^{f['time_exp_m']:.2f}, backward m^{b['time_exp_m']:.2f} "
-        "(seed: both O(m)).")
+        "(seed: both O(m))."
+    )
     lines.append(
         f"Memory in m (XLA static): forward recursion m^{f['memory_exp_m']:.2f}, backward "
         f"m^{b['memory_exp_m']:.2f}, jax.grad m^{by['jax.grad']['memory_exp_m']:.2f}, "
@@ -218,9 +269,12 @@ def verdict(summary: list[dict]) -> list[str]:
         "vectors of size d (seed: O(d) vs O(m·d)). "
         "Forward mode's memory does not grow with m, as the seed says, but it holds a d×d "
         f"matrix, so it grows in d as d^{f['memory_exp_d']:.2f}, not O(d): the seed leaves "
-        "the Jacobian out of its count.")
-    conds = sorted({k.split("cond")[1] for k in f if k.startswith("error_m")
-                    and "cond" in k}, key=float)
+        "the Jacobian out of its count."
+    )
+    conds = sorted(
+        {k.split("cond")[1] for k in f if k.startswith("error_m") and "cond" in k},
+        key=float,
+    )
     for c in conds:
         key = [k for k in f if k.startswith("error_m") and k.endswith(f"cond{c}")][-1]
         ef, eb = f[key], b[key]
@@ -229,52 +283,79 @@ def verdict(summary: list[dict]) -> list[str]:
         lines.append(
             f"Error at m = {m}, layer condition number {c}: forward {ef:.1e}, backward "
             f"{eb:.1e} (ratio {ratio:.2g}). "
-            + ("Forward mode is clearly less accurate here, as the seed says."
-               if ratio > 10 else
-               "No clear instability of forward mode here: both errors stay at the same "
-               "order, which disagrees with the seed's 'unstable' label for this family of "
-               "layers (matrix products are normwise stable; the gap shows only where the "
-               "product's norm greatly exceeds the gradient's)."))
+            + (
+                "Forward mode is clearly less accurate here, as the seed says."
+                if ratio > 10
+                else "No clear instability of forward mode here: both errors stay at the same "
+                "order, which disagrees with the seed's 'unstable' label for this family of "
+                "layers (matrix products are normwise stable; the gap shows only where the "
+                "product's norm greatly exceeds the gradient's)."
+            )
+        )
     return lines
 
 
 def write(result: dict, out_dir: str, command: str) -> str:
     summary = result["summary"]
     lines = [
-        f"# Forward vs reverse mode, measured — {result['device']}", "",
+        f"# Forward vs reverse mode, measured — {result['device']}",
+        "",
         f"Command: `{command}`  ",
         f"jax {result['jax']}, Python {result['python']}. Every figure below is read from "
-        "`modes.json`.", "",
+        "`modes.json`.",
+        "",
         "f = f_m ∘ … ∘ f_1, f_i(x) = tanh(W_i x + b_i), L = ½‖f(x)‖², gradient ∂L/∂x, float32. "
         "Exponents: least-squares slopes on log-log axes. Errors: median relative error "
-        "against float64 `jax.grad` on the same float32-rounded inputs.", "",
+        "against float64 `jax.grad` on the same float32-rounded inputs.",
+        "",
         "| method | seed time | seed memory | seed stability | time exp d | time exp m | "
-        "memory exp m | d-vectors per layer | memory exp d | " + " | ".join(
-            k for k in summary[0] if k.startswith("error_")) + " |",
-        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(
-            [k for k in summary[0] if k.startswith("error_")]),
+        "memory exp m | d-vectors per layer | memory exp d | "
+        + " | ".join(k for k in summary[0] if k.startswith("error_"))
+        + " |",
+        "|---|---|---|---|---|---|---|---|---|"
+        + "---|" * len([k for k in summary[0] if k.startswith("error_")]),
     ]
     for s in summary:
         lines.append(
             f"| {s['method']} | {s['seed_time']} | {s['seed_memory']} | "
             f"{s['seed_stability']} | {s['time_exp_d']:.2f} | {s['time_exp_m']:.2f} | "
             f"{s['memory_exp_m']:.2f} | {s['memory_vectors_per_layer']:.2f} | "
-            f"{s['memory_exp_d']:.2f} | " + " | ".join(
-                f"{s[k]:.1e}" for k in s if k.startswith("error_")) + " |")
+            f"{s['memory_exp_d']:.2f} | "
+            + " | ".join(f"{s[k]:.1e}" for k in s if k.startswith("error_"))
+            + " |"
+        )
     lines += ["", "## Verdict", ""] + [f"- {v}" for v in result["verdict"]]
-    lines += ["", "## Time and memory", "",
-              "| sweep | method | m | d | time ms | XLA temp KiB |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Time and memory",
+        "",
+        "| sweep | method | m | d | time ms | XLA temp KiB |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['sweep']} | {r['method']} | {r['m']} | {r['d']} | "
-                     f"{r['time_ms']:.3f} | {r['xla_temp_bytes'] / 1024:.1f} |")
-    lines += ["", "## Error vs depth m", "", "| cond | m | " + " | ".join(METHODS) + " |",
-              "|---|---|" + "---|" * len(METHODS)]
+        lines.append(
+            f"| {r['sweep']} | {r['method']} | {r['m']} | {r['d']} | "
+            f"{r['time_ms']:.3f} | {r['xla_temp_bytes'] / 1024:.1f} |"
+        )
+    lines += [
+        "",
+        "## Error vs depth m",
+        "",
+        "| cond | m | " + " | ".join(METHODS) + " |",
+        "|---|---|" + "---|" * len(METHODS),
+    ]
     for cond in sorted({e["cond"] for e in result["errors"]}):
         for m in sorted({e["m"] for e in result["errors"]}):
-            got = {e["method"]: e["rel_error_median"] for e in result["errors"]
-                   if e["cond"] == cond and e["m"] == m}
-            lines.append(f"| {cond:g} | {m} | " + " | ".join(
-                f"{got[k]:.1e}" for k in METHODS) + " |")
+            got = {
+                e["method"]: e["rel_error_median"]
+                for e in result["errors"]
+                if e["cond"] == cond and e["m"] == m
+            }
+            lines.append(
+                f"| {cond:g} | {m} | "
+                + " | ".join(f"{got[k]:.1e}" for k in METHODS)
+                + " |"
+            )
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "modes.md"), "w") as f:
         f.write(text)
@@ -298,10 +379,16 @@ def main(argv=None):
     os.makedirs(out_dir, exist_ok=True)
     result = measure(sizes)
     result.update(
-        device=(kind if device.platform != "cpu" else
-                f"CPU ({platform.machine()}, {os.cpu_count()} cores)"),
-        jax=jax.__version__, python=platform.python_version(), sizes=sizes,
-        command=" ".join(["python", "benchmarks/modes.py"] + list(argv)))
+        device=(
+            kind
+            if device.platform != "cpu"
+            else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+        ),
+        jax=jax.__version__,
+        python=platform.python_version(),
+        sizes=sizes,
+        command=" ".join(["python", "benchmarks/modes.py"] + list(argv)),
+    )
     result["summary"] = summarise(result)
     result["verdict"] = verdict(result["summary"])
     result["wall_s"] = time.perf_counter() - start

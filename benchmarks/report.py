@@ -81,26 +81,41 @@ PROMISED = {
 
 SIZES = {
     "quick": dict(
-        state_dim=8, batch=16, width=32, depth=2, solver="tsit5",
-        n_sweep=(16, 64, 256), n_base=64,
-        depths=(1, 2, 4), widths=(16, 32, 64),
+        state_dim=8,
+        batch=16,
+        width=32,
+        depth=2,
+        solver="tsit5",
+        n_sweep=(16, 128, 1024),
+        n_base=128,
+        depths=(1, 2, 4),
+        widths=(16, 32, 64),
         solvers=("heun", "bosh3", "tsit5", "dopri8"),
         tols=(1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8),
-        peers_n=("diffrax_rca_n",), peers_other=(),
+        peers_n=("diffrax_rca_n",),
+        peers_other=(),
         float64_strategies=("diffrax_rca_n",),
-        repeats=5, budget_s=285,
+        repeats=5,
+        budget_s=285,
     ),
     "full": dict(
-        state_dim=32, batch=256, width=128, depth=2, solver="tsit5",
-        n_sweep=(16, 64, 256, 1024), n_base=64,
-        depths=(1, 2, 4, 8), widths=(32, 128, 512),
+        state_dim=32,
+        batch=256,
+        width=128,
+        depth=2,
+        solver="tsit5",
+        n_sweep=(16, 64, 256, 1024),
+        n_base=64,
+        depths=(1, 2, 4, 8),
+        widths=(32, 128, 512),
         solvers=("heun", "bosh3", "tsit5", "dopri8"),
         tols=(1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8),
         # The slowest to compile last: the budget cuts from the end.
         peers_n=("diffrax_rca_n", "diffrax_backsolve", "diffrax_direct", "diffrax_rca"),
         peers_other=(),
         float64_strategies=("continuous", "diffrax_rca_n"),
-        repeats=5, budget_s=360,
+        repeats=5,
+        budget_s=360,
     ),
 }
 
@@ -114,8 +129,12 @@ def plan(sizes: dict) -> list[dict]:
     from the end). Each is a dict with `sweep`, `strategy`, `solver`, `n_steps`, `depth`,
     `width`, `batch`, `state_dim`, `dtype`."""
     base = dict(
-        solver=sizes["solver"], n_steps=sizes["n_base"], depth=sizes["depth"],
-        width=sizes["width"], batch=sizes["batch"], state_dim=sizes["state_dim"],
+        solver=sizes["solver"],
+        n_steps=sizes["n_base"],
+        depth=sizes["depth"],
+        width=sizes["width"],
+        batch=sizes["batch"],
+        state_dim=sizes["state_dim"],
         dtype="float32",
     )
     configs = []
@@ -144,8 +163,16 @@ def plan(sizes: dict) -> list[dict]:
 
 
 def config_key(c: dict) -> tuple:
-    return (c["strategy"], c["solver"], c["n_steps"], c["depth"], c["width"], c["batch"],
-            c["state_dim"], c["dtype"])
+    return (
+        c["strategy"],
+        c["solver"],
+        c["n_steps"],
+        c["depth"],
+        c["width"],
+        c["batch"],
+        c["state_dim"],
+        c["dtype"],
+    )
 
 
 def numpy_problem(c: dict, seed: int = 0):
@@ -154,10 +181,14 @@ def numpy_problem(c: dict, seed: int = 0):
     rng = np.random.default_rng(seed + 1000 * c["depth"] + c["width"])
     sizes = [c["state_dim"]] + [c["width"]] * c["depth"] + [c["state_dim"]]
     layers = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=False):
         bound = 1 / np.sqrt(fan_in)
-        layers.append((rng.uniform(-bound, bound, (fan_out, fan_in)),
-                       rng.uniform(-bound, bound, (fan_out,))))
+        layers.append(
+            (
+                rng.uniform(-bound, bound, (fan_out, fan_in)),
+                rng.uniform(-bound, bound, (fan_out,)),
+            )
+        )
     y0 = np.random.default_rng(seed).standard_normal((c["batch"], c["state_dim"]))
     return layers, y0
 
@@ -176,8 +207,13 @@ def _jax():
 def make_solver(name: str):
     import diffrax
 
-    return {"heun": diffrax.Heun, "bosh3": diffrax.Bosh3, "tsit5": diffrax.Tsit5,
-            "dopri5": diffrax.Dopri5, "dopri8": diffrax.Dopri8}[name]()
+    return {
+        "heun": diffrax.Heun,
+        "bosh3": diffrax.Bosh3,
+        "tsit5": diffrax.Tsit5,
+        "dopri5": diffrax.Dopri5,
+        "dopri8": diffrax.Dopri8,
+    }[name]()
 
 
 def stages(name: str) -> int:
@@ -214,17 +250,32 @@ def jax_problem(c: dict, dtype: str | None = None):
 
     dtype = jnp.dtype(dtype or c["dtype"])
     layers, y0 = numpy_problem(c)
-    field = neuralode.MLPField(c["state_dim"], c["width"], c["depth"],
-                               key=jax.random.PRNGKey(0))
+    field = neuralode.MLPField(
+        c["state_dim"], c["width"], c["depth"], key=jax.random.PRNGKey(0)
+    )
     for i, (w, b) in enumerate(layers):
-        field = eqx.tree_at(lambda f: (f.mlp.layers[i].weight, f.mlp.layers[i].bias),
-                            field, (jnp.asarray(w, dtype), jnp.asarray(b, dtype)))
+        field = eqx.tree_at(
+            lambda f, i=i: (f.mlp.layers[i].weight, f.mlp.layers[i].bias),
+            field,
+            (jnp.asarray(w, dtype), jnp.asarray(b, dtype)),
+        )
     params, static = eqx.partition(field, eqx.is_array)
     return params, static, jnp.asarray(y0, dtype)
 
 
-def loss_fn(strategy, solver, n, static, dtype, *, counter=None, tol=None,
-            max_steps=None, throw=None, t1=T1):
+def loss_fn(
+    strategy,
+    solver,
+    n,
+    static,
+    dtype,
+    *,
+    counter=None,
+    tol=None,
+    max_steps=None,
+    throw=None,
+    t1=T1,
+):
     """loss(params, y0) = ½·mean(y(1)²) of the configured solve. With `tol`, adaptive
     steps (PID, rtol = atol = tol) from dt0 chosen by Diffrax; otherwise n constant
     steps."""
@@ -237,16 +288,27 @@ def loss_fn(strategy, solver, n, static, dtype, *, counter=None, tol=None,
         if counter is not None:
             field = counter.wrap(field)
         if tol is None:
-            controller, dt0, steps = diffrax.ConstantStepSize(), jnp.asarray(t1 / n, dtype), n
+            controller, dt0, steps = (
+                diffrax.ConstantStepSize(),
+                jnp.asarray(t1 / n, dtype),
+                n,
+            )
             adjoint = make_adjoint(strategy, n)
         else:
             controller = diffrax.PIDController(rtol=tol_value, atol=tol_value)
             dt0, steps = None, max_steps
             adjoint = make_adjoint(strategy, steps, tol=tol_value)
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(field), make_solver(solver), jnp.asarray(0.0, dtype),
-            jnp.asarray(t1, dtype), dt0, y0, saveat=diffrax.SaveAt(t1=True),
-            stepsize_controller=controller, adjoint=adjoint, max_steps=steps,
+            diffrax.ODETerm(field),
+            make_solver(solver),
+            jnp.asarray(0.0, dtype),
+            jnp.asarray(t1, dtype),
+            dt0,
+            y0,
+            saveat=diffrax.SaveAt(t1=True),
+            stepsize_controller=controller,
+            adjoint=adjoint,
+            max_steps=steps,
             throw=(tol is None) if throw is None else throw,
         )
         return 0.5 * jnp.mean(sol.ys[-1] ** 2)
@@ -279,11 +341,19 @@ class Measurer:
 
     def exact_reference(self, c):
         """float64 full backprop of the same discretisation."""
-        key = (c["solver"], c["n_steps"], c["depth"], c["width"], c["batch"],
-               c["state_dim"])
+        key = (
+            c["solver"],
+            c["n_steps"],
+            c["depth"],
+            c["width"],
+            c["batch"],
+            c["state_dim"],
+        )
         if key not in self._exact:
             params, static, y0 = jax_problem(c, "float64")
-            g = grad_fn(loss_fn("backprop", c["solver"], c["n_steps"], static, "float64"))
+            g = grad_fn(
+                loss_fn("backprop", c["solver"], c["n_steps"], static, "float64")
+            )
             self._exact[key] = flat_grads(g(params, y0))
         return self._exact[key]
 
@@ -294,8 +364,17 @@ class Measurer:
             import jax.numpy as jnp
 
             params, static, y0 = jax_problem(c, "float64")
-            loss = loss_fn("backprop", "dopri8", None, static, "float64", tol=1e-12,
-                           max_steps=int(128 * t1), throw=True, t1=t1)
+            loss = loss_fn(
+                "backprop",
+                "dopri8",
+                None,
+                static,
+                "float64",
+                tol=1e-12,
+                max_steps=int(128 * t1),
+                throw=True,
+                t1=t1,
+            )
             jax = _jax()
             g = jax.jit(jax.grad(loss, argnums=(0, 1)))
             self._continuous[key] = flat_grads(g(params, y0, jnp.asarray(1e-12)))
@@ -311,10 +390,18 @@ class Measurer:
         key = (c["strategy"], c["solver"], c["n_steps"])
         if key not in self._nfe_backward:
             per_n = c["strategy"] in ("diffrax_rca", "diffrax_direct")
-            ns = [c["n_steps"]] if per_n else sorted(
-                {p["n_steps"] for p in self.configs if p["strategy"] == c["strategy"]
-                 and p["solver"] == c["solver"]}
-                | {c["n_steps"]})
+            ns = (
+                [c["n_steps"]]
+                if per_n
+                else sorted(
+                    {
+                        p["n_steps"]
+                        for p in self.configs
+                        if p["strategy"] == c["strategy"] and p["solver"] == c["solver"]
+                    }
+                    | {c["n_steps"]}
+                )
+            )
             fwd, bwd = self._count(c, ns)
             for n in ns:
                 self._nfe_backward[key[:2] + (n,)] = bwd[n] - fwd[n]
@@ -339,9 +426,15 @@ class Measurer:
         def loss(params, y0, dt0, adjoint):
             sol = diffrax.diffeqsolve(
                 diffrax.ODETerm(counter.wrap(eqx.combine(params, static))),
-                make_solver(c["solver"]), jnp.asarray(0.0, dtype), jnp.asarray(T1, dtype),
-                dt0, y0, saveat=diffrax.SaveAt(t1=True), adjoint=adjoint,
-                max_steps=max_steps)
+                make_solver(c["solver"]),
+                jnp.asarray(0.0, dtype),
+                jnp.asarray(T1, dtype),
+                dt0,
+                y0,
+                saveat=diffrax.SaveAt(t1=True),
+                adjoint=adjoint,
+                max_steps=max_steps,
+            )
             return 0.5 * jnp.mean(sol.ys[-1] ** 2)
 
         grad = jax.jit(jax.grad(ft.partial(loss, adjoint=adjoint), argnums=(0, 1)))
@@ -352,8 +445,9 @@ class Measurer:
             # The primal solve is the same loop for every strategy: count it once.
             if (c["solver"], n) not in self._primal_count:
                 if primal is None:
-                    primal = jax.jit(ft.partial(
-                        loss, adjoint=diffrax.RecursiveCheckpointAdjoint()))
+                    primal = jax.jit(
+                        ft.partial(loss, adjoint=diffrax.RecursiveCheckpointAdjoint())
+                    )
                 counter.reset()
                 jax.block_until_ready(primal(params, y0, dt0))
                 self._primal_count[(c["solver"], n)] = counter.count
@@ -363,13 +457,16 @@ class Measurer:
             total[n] = counter.count
         return fwd, total
 
-    def row(self, c):
-        """Every field of one row except `peak_bytes`."""
+    def row(self, c, nfe=None):
+        """Every field of one row except `peak_bytes` (`nfe`: counts already made by a
+        worker process)."""
         import neuralode
 
         jax = _jax()
         params, static, y0 = jax_problem(c)
-        g = grad_fn(loss_fn(c["strategy"], c["solver"], c["n_steps"], static, c["dtype"]))
+        g = grad_fn(
+            loss_fn(c["strategy"], c["solver"], c["n_steps"], static, c["dtype"])
+        )
         start = time.perf_counter()
         compiled = g.lower(params, y0).compile()
         compile_s = time.perf_counter() - start
@@ -377,14 +474,15 @@ class Measurer:
         grads = flat_grads(compiled(params, y0))
         time_ms = neuralode.median_time_ms(compiled, params, y0, repeats=self.repeats)
         del jax
-        nfe_f, nfe_b = self.nfe(c)
+        nfe_f, nfe_b = nfe if nfe is not None else self.nfe(c)
         return dict(
             xla_temp_bytes=temp,
             time_ms=time_ms,
             compile_s=compile_s,
             grad_rel_error=neuralode.relative_error(grads, self.exact_reference(c)),
             grad_rel_error_continuous=neuralode.relative_error(
-                grads, self.continuous_reference(c)),
+                grads, self.continuous_reference(c)
+            ),
             nfe_forward=nfe_f,
             nfe_backward=nfe_b,
             stages=stages(c["solver"]),
@@ -408,21 +506,37 @@ class Measurer:
                     return rows
                 c = dict(base, strategy=strategy, dtype=dtype)
                 params, static, y0 = jax_problem(c)
-                loss = loss_fn(strategy, "tsit5", None, static, dtype, tol=True,
-                               max_steps=4096, t1=T1_TOLERANCE)
+                loss = loss_fn(
+                    strategy,
+                    "tsit5",
+                    None,
+                    static,
+                    dtype,
+                    tol=True,
+                    max_steps=4096,
+                    t1=T1_TOLERANCE,
+                )
                 g = jax.jit(jax.grad(loss, argnums=(0, 1)))
                 ref = self.continuous_reference(c, T1_TOLERANCE)
                 for tol in sizes["tols"]:
                     tol_arr = jnp.asarray(tol, dtype)
                     grads = flat_grads(g(params, y0, tol_arr))
                     finite = all(np.all(np.isfinite(x)) for x in grads)
-                    rows.append(dict(
-                        strategy=strategy, dtype=dtype, solver="tsit5", tol=tol,
-                        depth=c["depth"], width=c["width"], batch=c["batch"],
-                        state_dim=c["state_dim"],
-                        grad_rel_error_continuous=(
-                            neuralode.relative_error(grads, ref) if finite else None),
-                    ))
+                    rows.append(
+                        dict(
+                            strategy=strategy,
+                            dtype=dtype,
+                            solver="tsit5",
+                            tol=tol,
+                            depth=c["depth"],
+                            width=c["width"],
+                            batch=c["batch"],
+                            state_dim=c["state_dim"],
+                            grad_rel_error_continuous=(
+                                neuralode.relative_error(grads, ref) if finite else None
+                            ),
+                        )
+                    )
         return rows
 
 
@@ -446,8 +560,15 @@ def peak_worker(c: dict) -> dict:
     peak = neuralode.peak_memory_bytes()
     if peak is None:
         return dict(peak_bytes=None)
-    return dict(peak_bytes=peak - baseline, peak_compile_bytes=after_compile - baseline,
-                backend=jax.default_backend())
+    result = dict(
+        peak_bytes=peak - baseline,
+        peak_compile_bytes=after_compile - baseline,
+        backend=jax.default_backend(),
+    )
+    # The peak is read: now count evaluations here too, in parallel with the other
+    # workers, to spare the main process those compiles.
+    result["nfe"] = Measurer(1, [c]).nfe(c)
+    return result
 
 
 def torch_worker(configs: list[dict], repeats: int, deadline: float) -> list[dict]:
@@ -488,8 +609,11 @@ def torch_worker(configs: list[dict], repeats: int, deadline: float) -> list[dic
         field = Field(layers, dtype)
         y0 = torch.as_tensor(y0_np, dtype=dtype, device=device).requires_grad_(True)
         ts = torch.tensor([0.0, T1], dtype=dtype, device=device)
-        solve = torchdiffeq.odeint_adjoint if strategy == "torch_odeint_adjoint" else (
-            torchdiffeq.odeint)
+        solve = (
+            torchdiffeq.odeint_adjoint
+            if strategy == "torch_odeint_adjoint"
+            else (torchdiffeq.odeint)
+        )
         options = dict(step_size=T1 / c["n_steps"])
 
         def run():
@@ -499,8 +623,10 @@ def torch_worker(configs: list[dict], repeats: int, deadline: float) -> list[dic
             loss = 0.5 * (ys[-1] ** 2).mean()
             loss.backward()
             sync()
-            return [p.grad.detach().cpu().double().numpy() for p in
-                    list(field.parameters()) + [y0]]
+            return [
+                p.grad.detach().cpu().double().numpy()
+                for p in list(field.parameters()) + [y0]
+            ]
 
         return field, y0, ts, solve, options, run
 
@@ -531,29 +657,47 @@ def torch_worker(configs: list[dict], repeats: int, deadline: float) -> list[dic
             baseline = torch.cuda.memory_allocated()
             run()
             peak = int(torch.cuda.max_memory_allocated() - baseline)
-        num = sum(float(np.sum((a - b) ** 2)) for a, b in zip(grads, refs[key]))
-        den = sum(float(np.sum(b ** 2)) for b in refs[key])
-        out.append(dict(c, solver="rk4", peak_bytes=peak, time_ms=float(np.median(times)),
-                        grad_rel_error=float(np.sqrt(num / den)),
-                        nfe_forward=nfe_forward, nfe_backward=nfe_backward, stages=4,
-                        xla_temp_bytes=None, grads=[g.tolist() for g in grads],
-                        torch=torch.__version__, torchdiffeq=torchdiffeq.__version__))
+        num = sum(float(np.sum((a - b) ** 2)) for a, b in zip(grads, refs[key], strict=False))
+        den = sum(float(np.sum(b**2)) for b in refs[key])
+        out.append(
+            dict(
+                c,
+                solver="rk4",
+                peak_bytes=peak,
+                time_ms=float(np.median(times)),
+                grad_rel_error=float(np.sqrt(num / den)),
+                nfe_forward=nfe_forward,
+                nfe_backward=nfe_backward,
+                stages=4,
+                xla_temp_bytes=None,
+                grads=[g.tolist() for g in grads],
+                torch=torch.__version__,
+                torchdiffeq=torchdiffeq.__version__,
+            )
+        )
     return out
 
 
 def _run_worker(kind: str, payload: dict, env: dict, timeout: float):
     try:
         proc = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), f"--{kind}-worker",
-             json.dumps(payload)],
-            env=env, capture_output=True, text=True, timeout=max(timeout, 1),
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                f"--{kind}-worker",
+                json.dumps(payload),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=max(timeout, 1),
         )
     except subprocess.TimeoutExpired:
         return None, "timeout"
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         return None, (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-    return json.loads(lines[-1][len("RESULT "):]), None
+    return json.loads(lines[-1][len("RESULT ") :]), None
 
 
 def _env(**changes) -> dict:
@@ -566,7 +710,10 @@ def _env(**changes) -> dict:
 def probe_backend() -> str:
     proc = subprocess.run(
         [sys.executable, "-c", "import jax; print(jax.default_backend())"],
-        env=_env(), capture_output=True, text=True, timeout=120,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     return proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else "unknown"
 
@@ -574,8 +721,9 @@ def probe_backend() -> str:
 def measure_peaks(configs, deadline, workers) -> tuple[dict, list]:
     """Device peak of each configuration, one fresh process each, `workers` at a time
     (each process's allocator counts only its own buffers)."""
-    env = _env(XLA_PYTHON_CLIENT_PREALLOCATE="false",
-               XLA_FLAGS="--xla_gpu_autotune_level=0")
+    env = _env(
+        XLA_PYTHON_CLIENT_PREALLOCATE="false", XLA_FLAGS="--xla_gpu_autotune_level=0"
+    )
     peaks, failures = {}, []
 
     def one(c):
@@ -605,22 +753,31 @@ def exponents(rows: list[dict]) -> list[dict]:
     import neuralode
 
     table = []
-    strategies = sorted({r["strategy"] for r in rows},
-                        key=lambda s: (CORE + PEERS + TORCH).index(s))
+    strategies = sorted(
+        {r["strategy"] for r in rows}, key=lambda s: (CORE + PEERS + TORCH).index(s)
+    )
     for strategy in strategies:
         entry = dict(strategy=strategy)
         for sweep, var in (("n", "n_steps"), ("m", "depth"), ("d", "width")):
-            sel = [r for r in rows if r["strategy"] == strategy and r["sweep"] == sweep
-                   and r["dtype"] == "float32"]
+            sel = [
+                r
+                for r in rows
+                if r["strategy"] == strategy
+                and r["sweep"] == sweep
+                and r["dtype"] == "float32"
+            ]
             for metric in ("xla_temp_bytes", "peak_bytes"):
                 pts = [(r[var], r[metric]) for r in sel if r.get(metric) is not None]
                 entry[f"{metric}_exp_{sweep}"] = (
-                    neuralode.fit_exponent(*zip(*pts)) if len(pts) >= 2 else None)
+                    neuralode.fit_exponent(*zip(*pts, strict=False)) if len(pts) >= 2 else None
+                )
                 if sweep == "n":
                     state = sel[0]["state_bytes"] if sel else None
                     entry[f"{metric}_states_per_step"] = (
-                        neuralode.fit_increment(*zip(*pts)) / state
-                        if len(pts) >= 2 and state else None)
+                        neuralode.fit_increment(*zip(*pts, strict=False)) / state
+                        if len(pts) >= 2 and state
+                        else None
+                    )
         promised = PROMISED.get(strategy)
         entry["promised"] = promised[0] if promised else None
         entry["promised_exp"] = list(promised[1:]) if promised else None
@@ -633,40 +790,63 @@ def checks(rows: list[dict]) -> list[dict]:
     out = []
 
     def get(strategy, **match):
-        return [r for r in rows if r["strategy"] == strategy and r.get("time_ms") is not None
-                and all(r[k] == v for k, v in match.items())]
+        return [
+            r
+            for r in rows
+            if r["strategy"] == strategy
+            and r.get("time_ms") is not None
+            and all(r[k] == v for k, v in match.items())
+        ]
 
-    f32 = [(s, b) for s in get("symplectic", dtype="float32") for b in
-           get("backprop", dtype="float32") if config_key(dict(s, strategy="")) ==
-           config_key(dict(b, strategy=""))]
+    f32 = [
+        (s, b)
+        for s in get("symplectic", dtype="float32")
+        for b in get("backprop", dtype="float32")
+        if config_key(dict(s, strategy="")) == config_key(dict(b, strategy=""))
+    ]
     if f32:
         worst_s = max(s["grad_rel_error"] for s, _ in f32)
         worst_b = max(b["grad_rel_error"] for _, b in f32)
-        ratio = max(s["grad_rel_error"] / max(b["grad_rel_error"], 1e-30) for s, b in f32)
-        out.append(dict(
-            name="float32: symplectic error at backprop's rounding level",
-            value=f"max symplectic {worst_s:.2e}, max backprop {worst_b:.2e}, "
-                  f"worst ratio {ratio:.2f} over {len(f32)} configurations",
-            passed=bool(ratio < 10)))
+        ratio = max(
+            s["grad_rel_error"] / max(b["grad_rel_error"], 1e-30) for s, b in f32
+        )
+        out.append(
+            dict(
+                name="float32: symplectic error at backprop's rounding level",
+                value=f"max symplectic {worst_s:.2e}, max backprop {worst_b:.2e}, "
+                f"worst ratio {ratio:.2f} over {len(f32)} configurations",
+                passed=bool(ratio < 10),
+            )
+        )
     f64 = get("symplectic", dtype="float64")
     if f64:
         worst = max(r["grad_rel_error"] for r in f64)
-        out.append(dict(name="float64: symplectic error ≤ 1e-12",
-                        value=f"max {worst:.2e} over {len(f64)} solvers",
-                        passed=bool(worst <= 1e-12)))
+        out.append(
+            dict(
+                name="float64: symplectic error ≤ 1e-12",
+                value=f"max {worst:.2e} over {len(f64)} solvers",
+                passed=bool(worst <= 1e-12),
+            )
+        )
     nrows = [r for r in rows if r["sweep"] == "n" and r["dtype"] == "float32"]
     if nrows:
         n_max = max(r["n_steps"] for r in nrows)
         for metric in ("xla_temp_bytes", "peak_bytes"):
-            at = {r["strategy"]: r[metric] for r in nrows
-                  if r["n_steps"] == n_max and r.get(metric) is not None}
+            at = {
+                r["strategy"]: r[metric]
+                for r in nrows
+                if r["n_steps"] == n_max and r.get(metric) is not None
+            }
             if all(s in at for s in CORE):
                 b, s, c = at["backprop"], at["symplectic"], at["continuous"]
-                out.append(dict(
-                    name=f"{metric} at n={n_max}: backprop ≫ symplectic > continuous",
-                    value=f"{b / 2**20:.3f} MiB ≫ {s / 2**20:.3f} MiB > "
-                          f"{c / 2**20:.3f} MiB (backprop/symplectic = {b / s:.1f}×)",
-                    passed=bool(b > 10 * s and s > c)))
+                out.append(
+                    dict(
+                        name=f"{metric} at n={n_max}: backprop ≫ symplectic > continuous",
+                        value=f"{b / 2**20:.3f} MiB ≫ {s / 2**20:.3f} MiB > "
+                        f"{c / 2**20:.3f} MiB (backprop/symplectic = {b / s:.1f}×)",
+                        passed=bool(b > 10 * s and s > c),
+                    )
+                )
     return out
 
 
@@ -695,8 +875,12 @@ def write_markdown(results: dict, out_dir: str) -> str:
         f"Device: {results['device']} ({results['backend']}); jax {results['jax']}, "
         f"diffrax {results['diffrax']}, equinox {results['equinox']}, "
         f"Python {results['python']}"
-        + (f", torch {results['torch']}, torchdiffeq {results['torchdiffeq']}"
-           if results.get("torch") else ", torchdiffeq not installed") + "  ",
+        + (
+            f", torch {results['torch']}, torchdiffeq {results['torchdiffeq']}"
+            if results.get("torch")
+            else ", torchdiffeq not installed"
+        )
+        + "  ",
         f"Mode: {results['mode']}; wall time {results['wall_s']:.0f} s. Every figure below "
         "is read from `results.json` in this folder.",
         "",
@@ -707,78 +891,125 @@ def write_markdown(results: dict, out_dir: str) -> str:
         "relative error against float64 backprop of the same discretisation; `err∞` = "
         "against a float64 Dopri8 solve at tol 1e-12.",
         "",
-        "Strategies: " + "; ".join(f"`{k}` = {v}" for k, v in DESCRIPTION.items()
-                                   if any(r["strategy"] == k for r in rows)) + ".",
+        "Strategies: "
+        + "; ".join(
+            f"`{k}` = {v}"
+            for k, v in DESCRIPTION.items()
+            if any(r["strategy"] == k for r in rows)
+        )
+        + ".",
         "",
     ]
     if results.get("skipped"):
-        lines += [f"Not measured ({len(results['skipped'])}): "
-                  + "; ".join(results["skipped"][:10]), ""]
+        lines += [
+            f"Not measured ({len(results['skipped'])}): "
+            + "; ".join(results["skipped"][:10]),
+            "",
+        ]
 
     lines += ["## Checks", "", "| check | measured | holds |", "|---|---|---|"]
     for ch in results["checks"]:
-        lines.append(f"| {ch['name']} | {ch['value']} | {'yes' if ch['passed'] else 'NO'} |")
+        lines.append(
+            f"| {ch['name']} | {ch['value']} | {'yes' if ch['passed'] else 'NO'} |"
+        )
 
-    lines += ["", "## Memory growth exponents (the measured Table 1)", "",
-              "Least-squares slope of log(memory) against log(n), log(m), log(d); "
-              "`states/step` = memory added per step in units of one state "
-              "(batch × state_dim × itemsize).", "",
-              "| strategy | promised | exp n (xla) | exp m (xla) | exp d (xla) | "
-              "states/step (xla) | exp n (peak) | states/step (peak) |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Memory growth exponents (the measured Table 1)",
+        "",
+        "Least-squares slope of log(memory) against log(n), log(m), log(d); "
+        "`states/step` = memory added per step in units of one state "
+        "(batch × state_dim × itemsize).",
+        "",
+        "| strategy | promised | exp n (xla) | exp m (xla) | exp d (xla) | "
+        "states/step (xla) | exp n (peak) | states/step (peak) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for e in results["exponents"]:
-        promised = (f"{e['promised']}: n^{e['promised_exp'][0]} m^{e['promised_exp'][1]} "
-                    f"d^{e['promised_exp'][2]}" if e["promised"] else "–")
+        promised = (
+            f"{e['promised']}: n^{e['promised_exp'][0]} m^{e['promised_exp'][1]} "
+            f"d^{e['promised_exp'][2]}"
+            if e["promised"]
+            else "–"
+        )
         lines.append(
             f"| {e['strategy']} | {promised} | {fmt(e['xla_temp_bytes_exp_n'], '.2f')} | "
             f"{fmt(e['xla_temp_bytes_exp_m'], '.2f')} | {fmt(e['xla_temp_bytes_exp_d'], '.2f')}"
             f" | {fmt(e['xla_temp_bytes_states_per_step'], '.2f')} | "
             f"{fmt(e['peak_bytes_exp_n'], '.2f')} | "
-            f"{fmt(e['peak_bytes_states_per_step'], '.2f')} |")
+            f"{fmt(e['peak_bytes_states_per_step'], '.2f')} |"
+        )
 
     def table(title, sweep, var):
         sel = [r for r in rows if r["sweep"] == sweep]
         if not sel:
             return
         second = "stages" if var == "solver" else "solver"
-        lines.extend(["", f"## {title}", "",
-                      f"| strategy | {var} | {second} | xla MiB | peak MiB | time ms | err | "
-                      "err∞ | nfe fwd | nfe bwd |",
-                      "|---|---|---|---|---|---|---|---|---|---|"])
+        lines.extend(
+            [
+                "",
+                f"## {title}",
+                "",
+                f"| strategy | {var} | {second} | xla MiB | peak MiB | time ms | err | "
+                "err∞ | nfe fwd | nfe bwd |",
+                "|---|---|---|---|---|---|---|---|---|---|",
+            ]
+        )
         for r in sel:
             lines.append(
                 f"| {r['strategy']} | {r[var]} | {r[second]} | "
                 f"{fmt_bytes(r.get('xla_temp_bytes'))} | {fmt_bytes(r.get('peak_bytes'))} | "
                 f"{fmt(r.get('time_ms'), '.2f')} | {fmt(r.get('grad_rel_error'), '.1e')} | "
                 f"{fmt(r.get('grad_rel_error_continuous'), '.1e')} | "
-                f"{fmt(r.get('nfe_forward'), 'd')} | {fmt(r.get('nfe_backward'), 'd')} |")
+                f"{fmt(r.get('nfe_forward'), 'd')} | {fmt(r.get('nfe_backward'), 'd')} |"
+            )
 
     b = rows[0] if rows else {}
-    fixed = (f"depth {b.get('depth')}, width {b.get('width')}, batch {b.get('batch')}, "
-             f"state_dim {b.get('state_dim')}, float32")
-    lines += ["", "## Plots", "", "![memory vs n](memory_vs_n.png) ![time vs n](time_vs_n.png) "
-              "![error vs tolerance](error_vs_tol.png)"]
+    fixed = (
+        f"depth {b.get('depth')}, width {b.get('width')}, batch {b.get('batch')}, "
+        f"state_dim {b.get('state_dim')}, float32"
+    )
+    lines += [
+        "",
+        "## Plots",
+        "",
+        "![memory vs n](memory_vs_n.png) ![time vs n](time_vs_n.png) "
+        "![error vs tolerance](error_vs_tol.png)",
+    ]
     table(f"Steps n ({fixed}, solver {results['sizes']['solver']})", "n", "n_steps")
     table(f"Stages s (n = {results['sizes']['n_base']})", "s", "solver")
     table(f"Depth m (n = {results['sizes']['n_base']})", "m", "depth")
     table(f"Width d (n = {results['sizes']['n_base']})", "d", "width")
-    table("float64 runs (n = {}, every solver)".format(results["sizes"]["n_base"]),
-          "float64", "solver")
+    table(
+        "float64 runs (n = {}, every solver)".format(results["sizes"]["n_base"]),
+        "float64",
+        "solver",
+    )
 
     tol_rows = results.get("tolerance_rows", [])
     if tol_rows:
         tols = sorted({r["tol"] for r in tol_rows}, reverse=True)
-        lines += ["", "## Gradient error vs tolerance (adaptive Tsit5, rtol = atol = tol, "
-                  f"t ∈ [0, {T1_TOLERANCE:g}]; error against the converged solve)", "",
-                  "| strategy | dtype | " + " | ".join(f"{t:.0e}" for t in tols) + " |",
-                  "|---|---|" + "---|" * len(tols)]
+        lines += [
+            "",
+            "## Gradient error vs tolerance (adaptive Tsit5, rtol = atol = tol, "
+            f"t ∈ [0, {T1_TOLERANCE:g}]; error against the converged solve)",
+            "",
+            "| strategy | dtype | " + " | ".join(f"{t:.0e}" for t in tols) + " |",
+            "|---|---|" + "---|" * len(tols),
+        ]
         for strategy in ("continuous", "symplectic"):
             for dtype in ("float64", "float32"):
-                got = {r["tol"]: r["grad_rel_error_continuous"] for r in tol_rows
-                       if r["strategy"] == strategy and r["dtype"] == dtype}
+                got = {
+                    r["tol"]: r["grad_rel_error_continuous"]
+                    for r in tol_rows
+                    if r["strategy"] == strategy and r["dtype"] == dtype
+                }
                 if got:
-                    lines.append(f"| {strategy} | {dtype} | " + " | ".join(
-                        fmt(got.get(t), ".1e") for t in tols) + " |")
+                    lines.append(
+                        f"| {strategy} | {dtype} | "
+                        + " | ".join(fmt(got.get(t), ".1e") for t in tols)
+                        + " |"
+                    )
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(text)
@@ -792,20 +1023,27 @@ def plot(results: dict, out_dir: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in results["rows"] if r["sweep"] == "n"]
-    strategies = [s for s in CORE + PEERS + TORCH if any(r["strategy"] == s for r in rows)]
-    for name, metric, ylabel in (("memory_vs_n", "xla_temp_bytes", "memory (MiB)"),
-                                 ("time_vs_n", "time_ms", "time per gradient (ms)")):
+    strategies = [
+        s for s in CORE + PEERS + TORCH if any(r["strategy"] == s for r in rows)
+    ]
+    for name, metric, ylabel in (
+        ("memory_vs_n", "xla_temp_bytes", "memory (MiB)"),
+        ("time_vs_n", "time_ms", "time per gradient (ms)"),
+    ):
         fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=80)
         for i, s in enumerate(strategies):
             color = f"C{i}"
             for m, style in ((metric, "o-"), ("peak_bytes", "s--")):
                 if name == "time_vs_n" and m == "peak_bytes":
                     continue
-                pts = sorted((r["n_steps"], r[m]) for r in rows
-                             if r["strategy"] == s and r.get(m) is not None)
+                pts = sorted(
+                    (r["n_steps"], r[m])
+                    for r in rows
+                    if r["strategy"] == s and r.get(m) is not None
+                )
                 if not pts:
                     continue
-                xs, ys = zip(*pts)
+                xs, ys = zip(*pts, strict=False)
                 ys = [y / 2**20 for y in ys] if m != "time_ms" else ys
                 label = s if m != "peak_bytes" else f"{s} (peak)"
                 ax.plot(xs, ys, style, color=color, label=label, ms=3, lw=1)
@@ -813,8 +1051,11 @@ def plot(results: dict, out_dir: str) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("steps n")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{results['device']}" + (": XLA temp (solid), peak (dashed)"
-                                               if name == "memory_vs_n" else ""), fontsize=9)
+        ax.set_title(
+            f"{results['device']}"
+            + (": XLA temp (solid), peak (dashed)" if name == "memory_vs_n" else ""),
+            fontsize=9,
+        )
         ax.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, f"{name}.png"))
@@ -824,12 +1065,22 @@ def plot(results: dict, out_dir: str) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=80)
     for i, strategy in enumerate(("continuous", "symplectic")):
         for dtype, style in (("float64", "o-"), ("float32", "s--")):
-            pts = sorted((r["tol"], r["grad_rel_error_continuous"]) for r in tol_rows
-                         if r["strategy"] == strategy and r["dtype"] == dtype
-                         and r["grad_rel_error_continuous"] is not None)
+            pts = sorted(
+                (r["tol"], r["grad_rel_error_continuous"])
+                for r in tol_rows
+                if r["strategy"] == strategy
+                and r["dtype"] == dtype
+                and r["grad_rel_error_continuous"] is not None
+            )
             if pts:
-                ax.plot(*zip(*pts), style, color=f"C{i}", label=f"{strategy} {dtype}",
-                        ms=3, lw=1)
+                ax.plot(
+                    *zip(*pts, strict=False),
+                    style,
+                    color=f"C{i}",
+                    label=f"{strategy} {dtype}",
+                    ms=3,
+                    lw=1,
+                )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.invert_xaxis()
@@ -849,16 +1100,28 @@ def command_line(argv) -> str:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes: under 5 minutes on 2 CPU cores")
-    parser.add_argument("--out", default=None,
-                        help="output folder (default benchmarks/results/<device-kind>/)")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="wall-time budget; configurations past it are skipped")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes: under 5 minutes on 2 CPU cores",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default benchmarks/results/<device-kind>/)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="wall-time budget; configurations past it are skipped",
+    )
     parser.add_argument("--peak-workers", type=int, default=None)
-    parser.add_argument("--render", metavar="DIR",
-                        help="only rewrite DIR/results.md and the plots from "
-                             "DIR/results.json")
+    parser.add_argument(
+        "--render",
+        metavar="DIR",
+        help="only rewrite DIR/results.md and the plots from DIR/results.json",
+    )
     parser.add_argument("--peak-worker", help=argparse.SUPPRESS)
     parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -868,7 +1131,9 @@ def main(argv=None):
         return
     if args.torch_worker:
         p = json.loads(args.torch_worker)
-        rows = torch_worker(p["configs"], p["repeats"], time.perf_counter() + p["budget_s"])
+        rows = torch_worker(
+            p["configs"], p["repeats"], time.perf_counter() + p["budget_s"]
+        )
         print("RESULT " + json.dumps(rows))
         return
 
@@ -893,7 +1158,7 @@ def main(argv=None):
     peaks = {}
     if backend == "gpu":
         workers = args.peak_workers or max(1, min(8, (os.cpu_count() or 2) // 2))
-        peaks, failures = measure_peaks(configs, start + 0.25 * budget, workers)
+        peaks, failures = measure_peaks(configs, start + 0.3 * budget, workers)
         skipped += failures
     torch_rows, versions = [], {}
     import importlib.util
@@ -901,17 +1166,21 @@ def main(argv=None):
     if importlib.util.find_spec("torch") and importlib.util.find_spec("torchdiffeq"):
         base = [c for c in configs if c["sweep"] == "n" and c["strategy"] == "backprop"]
         tconfigs = [dict(c, strategy=s) for c in base for s in TORCH]
-        left = 0.4 * budget - (time.perf_counter() - start)
+        left = 0.42 * budget - (time.perf_counter() - start)
         result, error = _run_worker(
-            "torch", dict(configs=tconfigs, repeats=sizes["repeats"], budget_s=left),
-            _env(JAX_PLATFORMS="cpu"), left + 60)
+            "torch",
+            dict(configs=tconfigs, repeats=sizes["repeats"], budget_s=left),
+            _env(JAX_PLATFORMS="cpu"),
+            left + 60,
+        )
         if result is None:
             skipped.append(f"torchdiffeq: {error}")
         else:
             torch_rows = result
             if result:
-                versions = dict(torch=result[0]["torch"],
-                                torchdiffeq=result[0]["torchdiffeq"])
+                versions = dict(
+                    torch=result[0]["torch"], torchdiffeq=result[0]["torchdiffeq"]
+                )
 
     jax = _jax()
     import diffrax
@@ -928,15 +1197,19 @@ def main(argv=None):
                 skipped.append(f"{c['sweep']}:{key} (time budget)")
                 continue
             try:
-                done[key] = measurer.row(c)
+                done[key] = measurer.row(c, (peaks.get(key) or {}).get("nfe"))
             except Exception as e:  # one failing configuration must not end the report
-                skipped.append(f"{c['sweep']}:{key}: {type(e).__name__}: {str(e)[:200]}")
+                skipped.append(
+                    f"{c['sweep']}:{key}: {type(e).__name__}: {str(e)[:200]}"
+                )
                 continue
-            print(f"[{time.perf_counter() - start:6.1f}s] {c['sweep']:7s} {c['strategy']:18s}"
-                  f" {c['solver']:6s} n={c['n_steps']:<5d} m={c['depth']} d={c['width']:<4d}"
-                  f" {c['dtype']}  xla={done[key]['xla_temp_bytes'] / 2**20:9.3f} MiB  "
-                  f"t={done[key]['time_ms']:8.2f} ms  err={done[key]['grad_rel_error']:.1e}",
-                  flush=True)
+            print(
+                f"[{time.perf_counter() - start:6.1f}s] {c['sweep']:7s} {c['strategy']:18s}"
+                f" {c['solver']:6s} n={c['n_steps']:<5d} m={c['depth']} d={c['width']:<4d}"
+                f" {c['dtype']}  xla={done[key]['xla_temp_bytes'] / 2**20:9.3f} MiB  "
+                f"t={done[key]['time_ms']:8.2f} ms  err={done[key]['grad_rel_error']:.1e}",
+                flush=True,
+            )
         row = dict(c, **done[key])
         row["peak_bytes"] = (peaks.get(key) or {}).get("peak_bytes")
         rows.append(row)
@@ -945,7 +1218,8 @@ def main(argv=None):
         import neuralode
 
         r["grad_rel_error_continuous"] = neuralode.relative_error(
-            [np.asarray(g) for g in r.pop("grads")], ref)
+            [np.asarray(g) for g in r.pop("grads")], ref
+        )
         r.pop("torch", None)
         r.pop("torchdiffeq", None)
         r["state_bytes"] = r["batch"] * r["state_dim"] * 4
@@ -958,15 +1232,29 @@ def main(argv=None):
     out_dir = args.out or os.path.join(HERE, "results", device_kind_slug(kind))
     os.makedirs(out_dir, exist_ok=True)
     results = dict(
-        device=kind if device.platform != "cpu" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        device=kind
+        if device.platform != "cpu"
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         backend=device.platform,
-        jax=jax.__version__, diffrax=diffrax.__version__, equinox=equinox.__version__,
-        python=platform.python_version(), **versions,
-        command=command_line(argv), mode=mode, sizes=sizes,
-        rows=rows, tolerance_rows=tolerance_rows, skipped=skipped,
+        jax=jax.__version__,
+        diffrax=diffrax.__version__,
+        equinox=equinox.__version__,
+        python=platform.python_version(),
+        **versions,
+        command=command_line(argv),
+        mode=mode,
+        sizes=sizes,
+        rows=rows,
+        tolerance_rows=tolerance_rows,
+        skipped=skipped,
     )
-    results["exponents"] = exponents([r for r in rows if r.get("xla_temp_bytes") is not None
-                                      or r.get("peak_bytes") is not None])
+    results["exponents"] = exponents(
+        [
+            r
+            for r in rows
+            if r.get("xla_temp_bytes") is not None or r.get("peak_bytes") is not None
+        ]
+    )
     results["checks"] = checks(rows)
     results["wall_s"] = time.perf_counter() - start
     with open(os.path.join(out_dir, "results.json"), "w") as f:

@@ -36,8 +36,10 @@ def relative_error(estimate, reference) -> float:
     ref = jax.tree_util.tree_leaves(reference)
     if len(est) != len(ref):
         raise ValueError(f"relative_error: {len(est)} leaves against {len(ref)}.")
-    num = sum(float(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-              for a, b in zip(est, ref))
+    num = sum(
+        float(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+        for a, b in zip(est, ref, strict=False)
+    )
     den = sum(float(np.sum(np.asarray(b, np.float64) ** 2)) for b in ref)
     return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
 
@@ -99,8 +101,11 @@ class _CountedField(eqx.Module):
 def fit_exponent(xs, ys) -> float:
     """The exponent p of a least-squares fit ys ≈ c·xs^p on log-log axes (`nan` with fewer
     than two usable points; non-positive values are dropped)."""
-    pairs = [(float(x), float(y)) for x, y in zip(xs, ys)
-             if x is not None and y is not None and x > 0 and y > 0]
+    pairs = [
+        (float(x), float(y))
+        for x, y in zip(xs, ys, strict=False)
+        if x is not None and y is not None and x > 0 and y > 0
+    ]
     if len({x for x, _ in pairs}) < 2:
         return float("nan")
     lx, ly = np.log([x for x, _ in pairs]), np.log([y for _, y in pairs])
@@ -110,8 +115,9 @@ def fit_exponent(xs, ys) -> float:
 def fit_increment(xs, ys) -> float:
     """The slope a of a least-squares line ys ≈ a·xs + b (e.g. bytes per step); `nan`
     with fewer than two distinct xs."""
-    pairs = [(float(x), float(y)) for x, y in zip(xs, ys)
-             if x is not None and y is not None]
+    pairs = [
+        (float(x), float(y)) for x, y in zip(xs, ys, strict=False) if x is not None and y is not None
+    ]
     if len({x for x, _ in pairs}) < 2:
         return float("nan")
     return float(np.polyfit([x for x, _ in pairs], [y for _, y in pairs], 1)[0])

@@ -7,17 +7,48 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
+)
 
 import modes  # noqa: E402
 import report  # noqa: E402
 
-ROW_FIELDS = ("strategy", "solver", "n_steps", "depth", "width", "batch", "state_dim",
-              "dtype", "xla_temp_bytes", "peak_bytes", "time_ms", "grad_rel_error",
-              "grad_rel_error_continuous", "nfe_forward", "nfe_backward")
-TINY = dict(state_dim=2, batch=2, width=4, depth=1, solver="heun", n_sweep=(4, 8),
-            n_base=4, depths=(1, 2), widths=(4, 8), solvers=("heun",), tols=(1e-3,),
-            peers_n=(), peers_other=(), float64_strategies=(), repeats=1, budget_s=60)
+ROW_FIELDS = (
+    "strategy",
+    "solver",
+    "n_steps",
+    "depth",
+    "width",
+    "batch",
+    "state_dim",
+    "dtype",
+    "xla_temp_bytes",
+    "peak_bytes",
+    "time_ms",
+    "grad_rel_error",
+    "grad_rel_error_continuous",
+    "nfe_forward",
+    "nfe_backward",
+)
+TINY = dict(
+    state_dim=2,
+    batch=2,
+    width=4,
+    depth=1,
+    solver="heun",
+    n_sweep=(4, 8),
+    n_base=4,
+    depths=(1, 2),
+    widths=(4, 8),
+    solvers=("heun",),
+    tols=(1e-3,),
+    peers_n=(),
+    peers_other=(),
+    float64_strategies=(),
+    repeats=1,
+    budget_s=60,
+)
 
 
 def test_plan_covers_every_sweep():
@@ -43,23 +74,52 @@ def test_one_row_has_every_field(tmp_path):
 
     # Output: exponents, checks, JSON-derived Markdown and plots from synthetic rows.
     rows = []
-    for s, mem in (("backprop", lambda n: 1000 * n), ("symplectic", lambda n: 16 * n + 50),
-                   ("continuous", lambda n: 40)):
+    for s, mem in (
+        ("backprop", lambda n: 1000 * n),
+        ("symplectic", lambda n: 16 * n + 50),
+        ("continuous", lambda n: 40),
+    ):
         for n in (16, 64, 256):
-            rows.append(dict(row, sweep="n", strategy=s, n_steps=n, xla_temp_bytes=mem(n),
-                             state_bytes=16))
+            rows.append(
+                dict(
+                    row,
+                    sweep="n",
+                    strategy=s,
+                    n_steps=n,
+                    xla_temp_bytes=mem(n),
+                    state_bytes=16,
+                )
+            )
     table = {e["strategy"]: e for e in report.exponents(rows)}
     assert table["backprop"]["xla_temp_bytes_exp_n"] == pytest.approx(1.0)
     assert table["continuous"]["xla_temp_bytes_exp_n"] == pytest.approx(0.0, abs=1e-9)
     assert table["symplectic"]["xla_temp_bytes_states_per_step"] == pytest.approx(1.0)
     checks = report.checks(rows)
     assert all(ch["passed"] for ch in checks)
-    results = dict(device="test", backend="cpu", jax="x", diffrax="x", equinox="x",
-                   python="x", command="python benchmarks/report.py --test", mode="test",
-                   sizes=TINY, rows=rows, exponents=list(table.values()), checks=checks,
-                   tolerance_rows=[dict(strategy="symplectic", dtype="float64", tol=1e-3,
-                                        grad_rel_error_continuous=1e-4)],
-                   skipped=[], wall_s=0.0)
+    results = dict(
+        device="test",
+        backend="cpu",
+        jax="x",
+        diffrax="x",
+        equinox="x",
+        python="x",
+        command="python benchmarks/report.py --test",
+        mode="test",
+        sizes=TINY,
+        rows=rows,
+        exponents=list(table.values()),
+        checks=checks,
+        tolerance_rows=[
+            dict(
+                strategy="symplectic",
+                dtype="float64",
+                tol=1e-3,
+                grad_rel_error_continuous=1e-4,
+            )
+        ],
+        skipped=[],
+        wall_s=0.0,
+    )
     text = report.write_markdown(results, str(tmp_path))
     assert "python benchmarks/report.py --test" in text
     report.plot(results, str(tmp_path))
@@ -68,8 +128,17 @@ def test_one_row_has_every_field(tmp_path):
 
 
 def test_modes_tiny(tmp_path):
-    sizes = dict(ds=(4, 8), m_time=2, ms=(1, 2), d_time=8, m_error=(1, 2), d_error=8,
-                 conds=(1.0, 1e2), repeats=1, trials=1)
+    sizes = dict(
+        ds=(4, 8),
+        m_time=2,
+        ms=(1, 2),
+        d_time=8,
+        m_error=(1, 2),
+        d_error=8,
+        conds=(1.0, 1e2),
+        repeats=1,
+        trials=1,
+    )
     result = modes.measure(sizes)
     # The four methods compute the same gradient.
     for e in result["errors"]:

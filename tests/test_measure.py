@@ -36,8 +36,9 @@ def test_evaluation_counter_counts_runtime_evaluations():
     term = diffrax.ODETerm(counter.wrap(lambda t, y, args: -y))
 
     def solve(y0):
-        return diffrax.diffeqsolve(term, diffrax.Heun(), 0.0, 1.0, 0.25, y0,
-                                   max_steps=4).ys[-1]
+        return diffrax.diffeqsolve(
+            term, diffrax.Heun(), 0.0, 1.0, 0.25, y0, max_steps=4
+        ).ys[-1]
 
     import jax
 
