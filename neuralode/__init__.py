@@ -19,7 +19,6 @@ from ._measure import (
     xla_temp_bytes as xla_temp_bytes,
 )
 
-__version__ = "0.1.0"
 from . import data as data
 from ._train import (
     CheckpointError as CheckpointError,
@@ -44,3 +43,5 @@ from ._cli import (
     SOLVERS as SOLVERS,
     stepping_from_args as stepping_from_args,
 )
+
+__version__ = "0.1.0"
