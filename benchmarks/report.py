@@ -62,7 +62,7 @@ PEERS = (
 TORCH = ("torch_odeint", "torch_odeint_adjoint")
 DESCRIPTION = {
     "backprop": "neuralode backprop (`BackpropAdjoint`)",
-    "continuous": "neuralode continuous (`BacksolveAdjoint`)",
+    "continuous": "neuralode continuous (`ContinuousAdjoint` over `BacksolveAdjoint`)",
     "symplectic": "neuralode symplectic (`SymplecticAdjoint`)",
     "diffrax_rca": "diffrax `RecursiveCheckpointAdjoint()` (default checkpoints)",
     "diffrax_rca_n": "diffrax `RecursiveCheckpointAdjoint(checkpoints=n)`",
@@ -657,7 +657,9 @@ def torch_worker(configs: list[dict], repeats: int, deadline: float) -> list[dic
             baseline = torch.cuda.memory_allocated()
             run()
             peak = int(torch.cuda.max_memory_allocated() - baseline)
-        num = sum(float(np.sum((a - b) ** 2)) for a, b in zip(grads, refs[key], strict=False))
+        num = sum(
+            float(np.sum((a - b) ** 2)) for a, b in zip(grads, refs[key], strict=False)
+        )
         den = sum(float(np.sum(b**2)) for b in refs[key])
         out.append(
             dict(
@@ -769,7 +771,9 @@ def exponents(rows: list[dict]) -> list[dict]:
             for metric in ("xla_temp_bytes", "peak_bytes"):
                 pts = [(r[var], r[metric]) for r in sel if r.get(metric) is not None]
                 entry[f"{metric}_exp_{sweep}"] = (
-                    neuralode.fit_exponent(*zip(*pts, strict=False)) if len(pts) >= 2 else None
+                    neuralode.fit_exponent(*zip(*pts, strict=False))
+                    if len(pts) >= 2
+                    else None
                 )
                 if sweep == "n":
                     state = sel[0]["state_bytes"] if sel else None
