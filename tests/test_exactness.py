@@ -16,10 +16,12 @@ from helpers import assert_tree_allclose, RK4, scalar_loss, small_problem, solve
 RTOL = 1e-12
 STRATEGIES = (neuralode.SymplecticAdjoint(), neuralode.BackpropAdjoint())
 SAVE_TS = jnp.array([0.0, 0.13, 0.5, 0.77, 1.0])  # not step endpoints
+CONSTANT = diffrax.ConstantStepSize()
+PID = diffrax.PIDController(rtol=1e-4, atol=1e-6)
 
 
-def _compare(inp, **solve_kwargs):
-    """Solutions and gradients of every strategy and of the reference, in one compile."""
+def _compare(inp, strategies=STRATEGIES, **solve_kwargs):
+    """Solutions and gradients of `strategies` and of the reference, in one compile."""
 
     def loss(inp, adjoint):
         ys = solve(inp, adjoint=adjoint, **solve_kwargs).ys
@@ -29,7 +31,7 @@ def _compare(inp, **solve_kwargs):
     def run(inp):
         return [
             eqx.filter_grad(loss, has_aux=True)(inp, adjoint)
-            for adjoint in (diffrax.RecursiveCheckpointAdjoint(), *STRATEGIES)
+            for adjoint in (diffrax.RecursiveCheckpointAdjoint(), *strategies)
         ]
 
     (ref_grad, ref_ys), *results = run(inp)
@@ -57,13 +59,11 @@ def _compare(inp, **solve_kwargs):
 def test_every_explicit_solver(solver, getkey):
     # Adaptive where the solver has an error estimate; saves inside steps.
     adaptive = type(solver) not in (diffrax.Euler, RK4)
-    controller = (
-        diffrax.PIDController(rtol=1e-4, atol=1e-6)
-        if adaptive
-        else diffrax.ConstantStepSize()
-    )
+    controller = PID if adaptive else CONSTANT
+    # `backprop` runs Diffrax's own steps; it is compared on the other tests' cases.
     grad = _compare(
         small_problem(getkey()),
+        strategies=(neuralode.SymplecticAdjoint(),),
         solver=solver,
         controller=controller,
         saveat=diffrax.SaveAt(ts=SAVE_TS),
@@ -73,15 +73,17 @@ def test_every_explicit_solver(solver, getkey):
     assert any(jnp.any(g != 0) for g in jax.tree_util.tree_leaves(field_grad))
 
 
+# PID with SaveAt(ts) is covered by test_every_explicit_solver.
 @pytest.mark.parametrize(
-    "saveat",
-    [diffrax.SaveAt(t1=True), diffrax.SaveAt(t0=True, t1=True), diffrax.SaveAt(ts=SAVE_TS)],
-    ids=["t1", "t0-t1", "ts"],
-)
-@pytest.mark.parametrize(
-    "controller",
-    [diffrax.ConstantStepSize(), diffrax.PIDController(rtol=1e-4, atol=1e-6)],
-    ids=["constant", "pid"],
+    "controller, saveat",
+    [
+        (CONSTANT, diffrax.SaveAt(t1=True)),
+        (CONSTANT, diffrax.SaveAt(t0=True, t1=True)),
+        (CONSTANT, diffrax.SaveAt(ts=SAVE_TS)),
+        (PID, diffrax.SaveAt(t1=True)),
+        (PID, diffrax.SaveAt(t0=True, t1=True)),
+    ],
+    ids=["constant-t1", "constant-t0-t1", "constant-ts", "pid-t1", "pid-t0-t1"],
 )
 def test_saveat_and_controllers(saveat, controller, getkey):
     # Dopri5 has b_2 = 0 and an FSAL stage: both special cases of the stage pullback.
@@ -93,7 +95,7 @@ def test_backwards_in_time(getkey):
     _compare(
         small_problem(getkey()),
         solver=diffrax.Tsit5(),
-        controller=diffrax.PIDController(rtol=1e-4, atol=1e-6),
+        controller=PID,
         saveat=diffrax.SaveAt(t0=True, ts=SAVE_TS[::-1]),
         t0=1.0,
         t1=0.0,
