@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import diffrax
 import equinox as eqx
+import jax
+import jax.tree_util as jtu
 
 
 class _ClosureConvertedTerm(diffrax.AbstractTerm):
@@ -30,5 +32,14 @@ class _ClosureConvertedTerm(diffrax.AbstractTerm):
 
 
 def closure_convert_terms(terms: diffrax.AbstractTerm, t, y, args) -> diffrax.AbstractTerm:
-    """`terms` with `vf` closure-converted for inputs shaped like `(t, y, args)`."""
-    return _ClosureConvertedTerm(terms, eqx.filter_closure_convert(terms.vf, t, y, args))
+    """`terms` with `vf` closure-converted for inputs shaped like `(t, y, args)`, or
+    `terms` itself when its vector field closes over no tracer but its own leaves (as
+    with `ODETerm(module)`): converting then would hold every parameter twice."""
+    converted = eqx.filter_closure_convert(terms.vf, t, y, args)
+    own_leaves = {id(leaf) for leaf in jtu.tree_leaves(terms)}
+    foreign = [
+        c
+        for c in jtu.tree_leaves(getattr(converted, "consts", ()))
+        if isinstance(c, jax.core.Tracer) and id(c) not in own_leaves
+    ]
+    return _ClosureConvertedTerm(terms, converted) if foreign else terms
