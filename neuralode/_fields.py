@@ -45,7 +45,9 @@ class MLPField(eqx.Module):
     ):
         for name, value in (("state_dim", state_dim), ("width", width)):
             if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"MLPField: `{name}` must be a positive int, got {value!r}.")
+                raise ValueError(
+                    f"MLPField: `{name}` must be a positive int, got {value!r}."
+                )
         if not (isinstance(depth, int) and depth >= 0):
             raise ValueError(f"MLPField: `depth` must be an int >= 0, got {depth!r}.")
         self.time_dependent = time_dependent

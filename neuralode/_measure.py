@@ -116,7 +116,9 @@ def fit_increment(xs, ys) -> float:
     """The slope a of a least-squares line ys ≈ a·xs + b (e.g. bytes per step); `nan`
     with fewer than two distinct xs."""
     pairs = [
-        (float(x), float(y)) for x, y in zip(xs, ys, strict=False) if x is not None and y is not None
+        (float(x), float(y))
+        for x, y in zip(xs, ys, strict=False)
+        if x is not None and y is not None
     ]
     if len({x for x, _ in pairs}) < 2:
         return float("nan")

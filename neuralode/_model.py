@@ -58,7 +58,9 @@ class NeuralODE(eqx.Module):
                 "stepsize_controller such as diffrax.PIDController(rtol=1e-5, atol=1e-5)."
             )
         if not (isinstance(max_steps, int) and max_steps >= 1):
-            raise ValueError(f"NeuralODE: `max_steps` must be a positive int, got {max_steps!r}.")
+            raise ValueError(
+                f"NeuralODE: `max_steps` must be a positive int, got {max_steps!r}."
+            )
         self.dt0 = dt0
         self.max_steps = max_steps
 

@@ -46,8 +46,17 @@ def solve(inp, *, adjoint, solver, controller, saveat, t0=0.0, t1=1.0, max_steps
     term = diffrax.ODETerm(lambda t, y, a: a * field(t, y))
     dt0 = 0.05 if t1 > t0 else -0.05
     return diffrax.diffeqsolve(
-        term, solver, t0, t1, dt0, y0, args=args, saveat=saveat,
-        stepsize_controller=controller, adjoint=adjoint, max_steps=max_steps,
+        term,
+        solver,
+        t0,
+        t1,
+        dt0,
+        y0,
+        args=args,
+        saveat=saveat,
+        stepsize_controller=controller,
+        adjoint=adjoint,
+        max_steps=max_steps,
     )
 
 

@@ -8,10 +8,9 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 import pytest
+from helpers import RK4, assert_tree_allclose, scalar_loss, small_problem, solve
 
 import neuralode
-
-from helpers import assert_tree_allclose, RK4, scalar_loss, small_problem, solve
 
 RTOL = 1e-12
 STRATEGIES = (neuralode.SymplecticAdjoint(), neuralode.BackpropAdjoint())
@@ -87,8 +86,12 @@ def test_every_explicit_solver(solver, getkey):
 )
 def test_saveat_and_controllers(saveat, controller, getkey):
     # Dopri5 has b_2 = 0 and an FSAL stage: both special cases of the stage pullback.
-    _compare(small_problem(getkey()), solver=diffrax.Dopri5(), controller=controller,
-             saveat=saveat)
+    _compare(
+        small_problem(getkey()),
+        solver=diffrax.Dopri5(),
+        controller=controller,
+        saveat=saveat,
+    )
 
 
 def test_backwards_in_time(getkey):
@@ -145,8 +148,16 @@ def test_sde_with_fixed_brownian_path(getkey):
             ),
         )
         sol = diffrax.diffeqsolve(
-            terms, diffrax.Heun(), 0.0, 1.0, 0.05, y0, args=args,
-            saveat=diffrax.SaveAt(ts=SAVE_TS), adjoint=adjoint, max_steps=32,
+            terms,
+            diffrax.Heun(),
+            0.0,
+            1.0,
+            0.05,
+            y0,
+            args=args,
+            saveat=diffrax.SaveAt(ts=SAVE_TS),
+            adjoint=adjoint,
+            max_steps=32,
         )
         return scalar_loss(sol.ys)
 

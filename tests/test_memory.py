@@ -25,8 +25,14 @@ def _temp_bytes(adjoint, n, solver=diffrax.Tsit5()):
     def grad(params, y0):
         def loss(params, y0):
             sol = diffrax.diffeqsolve(
-                diffrax.ODETerm(eqx.combine(params, static)), solver, 0.0, 1.0,
-                1.0 / n, y0, adjoint=adjoint, max_steps=n,
+                diffrax.ODETerm(eqx.combine(params, static)),
+                solver,
+                0.0,
+                1.0,
+                1.0 / n,
+                y0,
+                adjoint=adjoint,
+                max_steps=n,
             )
             return jnp.sum(sol.ys**2)
 
@@ -56,7 +62,9 @@ def test_symplectic_keeps_one_evaluation_of_activations():
     heun = _temp_bytes(neuralode.SymplecticAdjoint(), N_SMALL, diffrax.Heun())
     dopri8 = _temp_bytes(neuralode.SymplecticAdjoint(), N_SMALL, diffrax.Dopri8())
     extra_stages = 13 - 2
-    assert dopri8 - heun <= extra_stages * 3 * STATE_BYTES, (dopri8 - heun) / STATE_BYTES
+    assert dopri8 - heun <= extra_stages * 3 * STATE_BYTES, (
+        dopri8 - heun
+    ) / STATE_BYTES
     assert dopri8 - heun < extra_stages * ACTIVATION_BYTES
 
 

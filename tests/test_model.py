@@ -3,10 +3,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import assert_tree_allclose
 
 import neuralode
-
-from helpers import assert_tree_allclose
 
 TS = jnp.linspace(0.0, 1.0, 5)
 
@@ -30,7 +29,9 @@ def test_jit_vmap_grad_and_strategies_agree(getkey):
         value, grad = eqx.filter_value_and_grad(loss)(model)
         return value, grad.field
 
-    results = {name: loss_and_grad(_model(key, name)) for name in neuralode.ADJOINT_NAMES}
+    results = {
+        name: loss_and_grad(_model(key, name)) for name in neuralode.ADJOINT_NAMES
+    }
     assert_tree_allclose(results["symplectic"], results["backprop"], 1e-12)
     # The continuous adjoint is close, not equal.
     loss_c, grad_c = results["continuous"]
@@ -42,7 +43,11 @@ def test_batched_state_is_one_solve(getkey):
     # A (batch, dim) state is solved as one ODE, the field mapped over the batch.
     model = _model(getkey(), "symplectic")
     y0s = jax.random.normal(getkey(), (3, 2))
-    assert_tree_allclose(model(TS, y0s), jax.vmap(model, in_axes=(None, 0))(TS, y0s).swapaxes(0, 1), 1e-12)
+    assert_tree_allclose(
+        model(TS, y0s),
+        jax.vmap(model, in_axes=(None, 0))(TS, y0s).swapaxes(0, 1),
+        1e-12,
+    )
 
 
 def test_solve_returns_solution_with_stats(getkey):

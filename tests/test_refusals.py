@@ -13,13 +13,28 @@ Y0 = jnp.array([0.5, -0.3, 0.2])
 PID = diffrax.PIDController(rtol=1e-3, atol=1e-3)
 
 
-def _solve(y0, *, solver=diffrax.Tsit5(), saveat=diffrax.SaveAt(t1=True), max_steps=16,
-           terms=None, **kwargs):
+def _solve(
+    y0,
+    *,
+    solver=diffrax.Tsit5(),
+    saveat=diffrax.SaveAt(t1=True),
+    max_steps=16,
+    terms=None,
+    **kwargs,
+):
     field = neuralode.MLPField(3, 4, 1, key=jax.random.PRNGKey(0))
     terms = diffrax.ODETerm(field) if terms is None else terms
     return diffrax.diffeqsolve(
-        terms, solver, 0.0, 1.0, 0.1, y0, saveat=saveat, max_steps=max_steps,
-        adjoint=neuralode.SymplecticAdjoint(), **kwargs,
+        terms,
+        solver,
+        0.0,
+        1.0,
+        0.1,
+        y0,
+        saveat=saveat,
+        max_steps=max_steps,
+        adjoint=neuralode.SymplecticAdjoint(),
+        **kwargs,
     ).ys
 
 
@@ -33,13 +48,17 @@ def _unsafe_sde_terms():
 
 REFUSED = {
     "implicit-solver": dict(solver=diffrax.Kvaerno5(), stepsize_controller=PID),
-    "half-solver": dict(solver=diffrax.HalfSolver(diffrax.Tsit5()), stepsize_controller=PID),
+    "half-solver": dict(
+        solver=diffrax.HalfSolver(diffrax.Tsit5()), stepsize_controller=PID
+    ),
     "event": dict(event=diffrax.Event(lambda t, y, args, **kwargs: y[0] < 0.0)),
     "dense": dict(saveat=diffrax.SaveAt(dense=True)),
     "steps": dict(saveat=diffrax.SaveAt(steps=True)),
     "fn": dict(saveat=diffrax.SaveAt(t1=True, fn=lambda t, y, args: y**2)),
     "subs": dict(
-        saveat=diffrax.SaveAt(subs=(diffrax.SubSaveAt(t1=True), diffrax.SubSaveAt(t0=True)))
+        saveat=diffrax.SaveAt(
+            subs=(diffrax.SubSaveAt(t1=True), diffrax.SubSaveAt(t0=True))
+        )
     ),
     "max-steps-none": dict(max_steps=None),
     "unsafe-brownian": dict(solver=diffrax.Heun(), terms=_unsafe_sde_terms()),
@@ -53,7 +72,9 @@ def test_refused_at_trace_time(case):
     message = str(error.value)
     assert "SymplecticAdjoint" in message
     # Names what to do instead.
-    assert any(word in message for word in ("Use ", "Pass ", "max_steps=<int>")), message
+    assert any(word in message for word in ("Use ", "Pass ", "max_steps=<int>")), (
+        message
+    )
 
 
 def test_forward_mode_is_refused():

@@ -33,7 +33,10 @@ def test_continuous_options():
     assert (controller.rtol, controller.atol) == (1e-7, 1e-9)
     assert controller.norm is diffrax.adjoint_rms_seminorm
     plain = neuralode.get_adjoint("continuous", rtol=1e-7, atol=1e-9)
-    assert plain.backsolve.kwargs["stepsize_controller"].norm is not diffrax.adjoint_rms_seminorm
+    assert (
+        plain.backsolve.kwargs["stepsize_controller"].norm
+        is not diffrax.adjoint_rms_seminorm
+    )
     solver = neuralode.get_adjoint("continuous", solver=diffrax.Dopri8())
     assert isinstance(solver.backsolve.kwargs["solver"], diffrax.Dopri8)
     with pytest.raises(ValueError, match="needs `rtol` and `atol`"):

@@ -19,7 +19,13 @@ def _symplectic(**options) -> diffrax.AbstractAdjoint:
 
 
 _CONTINUOUS_OPTIONS = (
-    "rtol", "atol", "seminorm", "solver", "stepsize_controller", "dt0", "max_steps"
+    "rtol",
+    "atol",
+    "seminorm",
+    "solver",
+    "stepsize_controller",
+    "dt0",
+    "max_steps",
 )
 
 
@@ -33,7 +39,9 @@ def _continuous(**options) -> diffrax.AbstractAdjoint:
     atol = options.pop("atol", None)
     seminorm = options.pop("seminorm", False)
     if (rtol is None) != (atol is None):
-        raise ValueError("get_adjoint('continuous'): pass both `rtol` and `atol`, or neither.")
+        raise ValueError(
+            "get_adjoint('continuous'): pass both `rtol` and `atol`, or neither."
+        )
     if rtol is not None:
         if "stepsize_controller" in options:
             raise ValueError(

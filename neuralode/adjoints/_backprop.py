@@ -9,9 +9,9 @@ memory against.
 
 import functools as ft
 
+import diffrax
 import equinox as eqx
 import equinox.internal as eqxi
-import diffrax
 
 
 def _is_none(x):
@@ -27,8 +27,16 @@ class BackpropAdjoint(diffrax.AbstractAdjoint):
     allocated, whether taken or not, so keep it close to the number of steps you need.
     """
 
-    def loop(self, *, solver, max_steps, throw, passed_solver_state,
-             passed_controller_state, **kwargs):
+    def loop(
+        self,
+        *,
+        solver,
+        max_steps,
+        throw,
+        passed_solver_state,
+        passed_controller_state,
+        **kwargs,
+    ):
         del throw, passed_solver_state, passed_controller_state
         if max_steps is None:
             raise ValueError(
@@ -53,10 +61,16 @@ class BackpropAdjoint(diffrax.AbstractAdjoint):
         )
 
 
-def _bounded_single_scan(cond_fun, body_fun, init_val, *, max_steps, buffers,
-                         checkpoints=None):
+def _bounded_single_scan(
+    cond_fun, body_fun, init_val, *, max_steps, buffers, checkpoints=None
+):
     del checkpoints
     return eqxi.while_loop(
-        cond_fun, body_fun, init_val, max_steps=max_steps, buffers=buffers,
-        kind="bounded", base=max(max_steps, 2),
+        cond_fun,
+        body_fun,
+        init_val,
+        max_steps=max_steps,
+        buffers=buffers,
+        kind="bounded",
+        base=max(max_steps, 2),
     )

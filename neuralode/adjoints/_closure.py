@@ -31,7 +31,9 @@ class _ClosureConvertedTerm(diffrax.AbstractTerm):
         return self.term.is_vf_expensive(t0, t1, y, args)
 
 
-def closure_convert_terms(terms: diffrax.AbstractTerm, t, y, args) -> diffrax.AbstractTerm:
+def closure_convert_terms(
+    terms: diffrax.AbstractTerm, t, y, args
+) -> diffrax.AbstractTerm:
     """`terms` with `vf` closure-converted for inputs shaped like `(t, y, args)`, or
     `terms` itself when its vector field closes over no tracer but its own leaves (as
     with `ODETerm(module)`): converting then would hold every parameter twice."""

@@ -43,4 +43,6 @@ class ContinuousAdjoint(diffrax.AbstractAdjoint):
 
     def loop(self, *, terms, args, init_state, **kwargs):
         terms = closure_convert_terms(terms, init_state.tprev, init_state.y, args)
-        return self.backsolve.loop(terms=terms, args=args, init_state=init_state, **kwargs)
+        return self.backsolve.loop(
+            terms=terms, args=args, init_state=init_state, **kwargs
+        )

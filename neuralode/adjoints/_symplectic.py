@@ -109,9 +109,7 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         **kwargs,
     ):
         del throw
-        _check_supported(
-            terms, solver, event, saveat, max_steps, passed_solver_state
-        )
+        _check_supported(terms, solver, event, saveat, max_steps, passed_solver_state)
         y0 = init_state.y
         terms = closure_convert_terms(terms, init_state.tprev, y0, args)
         init_state = eqx.tree_at(lambda s: s.y, init_state, object())
@@ -177,8 +175,7 @@ def _is_subsaveat(x) -> bool:
     return isinstance(x, diffrax.SubSaveAt)
 
 
-def _run_loop(y0, args, terms, *, init_state, saveat, max_steps, record,
-              **kwargs):
+def _run_loop(y0, args, terms, *, init_state, saveat, max_steps, record, **kwargs):
     init_state = eqx.tree_at(lambda s: s.y, init_state, y0)
     if record:
         # One extra output that saves (t, y) at every accepted step.
@@ -229,7 +226,15 @@ def _symplectic_loop_fwd(perturbed, y__args__terms, **kwargs):
 
 @_symplectic_loop.def_bwd
 def _symplectic_loop_bwd(
-    residuals, grad_final_state__aux_stats, perturbed, y__args__terms, *, solver, saveat, t0, **kwargs
+    residuals,
+    grad_final_state__aux_stats,
+    perturbed,
+    y__args__terms,
+    *,
+    solver,
+    saveat,
+    t0,
+    **kwargs,
 ):
     del perturbed, kwargs
     tableau = explicit_tableau(solver)
@@ -256,7 +261,9 @@ def _symplectic_loop_bwd(
     is_euler = type(solver) is diffrax.Euler
 
     def interpolate(t_start, t_end, y_start, y_end, ks, t):
-        info = dict(y0=y_start, y1=y_end) if is_euler else dict(y0=y_start, y1=y_end, k=ks)
+        info = (
+            dict(y0=y_start, y1=y_end) if is_euler else dict(y0=y_start, y1=y_end, k=ks)
+        )
         return solver.interpolation_cls(t0=t_start, t1=t_end, **info).evaluate(t)
 
     def step_back(carry):
@@ -264,7 +271,9 @@ def _symplectic_loop_bwd(
         prev = jnp.maximum(n - 1, 0)
         t_start = jnp.where(n == 0, t0, step_ts[prev])
         t_end = step_ts[n]
-        y_start = jtu.tree_map(lambda a, buf: jnp.where(n == 0, a, buf[prev]), y0, step_ys)
+        y_start = jtu.tree_map(
+            lambda a, buf: jnp.where(n == 0, a, buf[prev]), y0, step_ys
+        )
         y_end = jtu.tree_map(lambda buf: buf[n], step_ys)
         ks = recompute_stages(
             tableau,
@@ -288,21 +297,30 @@ def _symplectic_loop_bwd(
                 j, y_start_bar, lam, k_bar = c
                 g = jtu.tree_map(lambda gy: gy[ts_offset + j], grad_ys)
                 _, vjp = jax.vjp(
-                    lambda ya, yb, k: interpolate(t_start, t_end, ya, yb, k, save_ts[j]),
+                    lambda ya, yb, k: interpolate(
+                        t_start, t_end, ya, yb, k, save_ts[j]
+                    ),
                     y_start,
                     y_end,
                     ks,
                 )
                 ya_bar, yb_bar, kk_bar = vjp(g)
                 add = ft.partial(jtu.tree_map, jnp.add)
-                return j - 1, add(y_start_bar, ya_bar), add(lam, yb_bar), add(k_bar, kk_bar)
+                return (
+                    j - 1,
+                    add(y_start_bar, ya_bar),
+                    add(lam, yb_bar),
+                    add(k_bar, kk_bar),
+                )
 
             ts_index, y_start_bar, lam, k_bar = lax.while_loop(
                 has_save, pull_save, (ts_index, y_start_bar, lam, k_bar)
             )
         b = jnp.asarray(tableau.b[:num_stages])
         k_bar = jtu.tree_map(
-            lambda kb, l: kb + b.astype(l.dtype)[(...,) + (None,) * l.ndim] * l, k_bar, lam
+            lambda kb, l: kb + b.astype(l.dtype)[(...,) + (None,) * l.ndim] * l,
+            k_bar,
+            lam,
         )
 
         def vf_prod_vjp(t, y, cotangent):
@@ -312,7 +330,15 @@ def _symplectic_loop_bwd(
             return vjp(cotangent)
 
         y_bar_sum, params_bar = pullback_stages(
-            tableau, num_stages, vf_prod_vjp, t_start, t_end, y_start, ks, k_bar, params_bar
+            tableau,
+            num_stages,
+            vf_prod_vjp,
+            t_start,
+            t_end,
+            y_start,
+            ks,
+            k_bar,
+            params_bar,
         )
         lam = jtu.tree_map(lambda *x: sum(x), lam, y_bar_sum, y_start_bar)
         return n - 1, ts_index, lam, params_bar
@@ -323,18 +349,24 @@ def _symplectic_loop_bwd(
         lam = jtu.tree_map(jnp.zeros_like, y0)
     params_bar = jtu.tree_map(jnp.zeros_like, params)
     carry = (num_steps - 1, num_ts - 1, lam, params_bar)
-    _, ts_index, y0_bar, params_bar = lax.while_loop(lambda c: c[0] >= 0, step_back, carry)
+    _, ts_index, y0_bar, params_bar = lax.while_loop(
+        lambda c: c[0] >= 0, step_back, carry
+    )
 
     if num_ts:
         # Saves not inside any step: t0 == t1, where Diffrax saves y0 at every ts.
         leftover = jnp.arange(num_ts) <= ts_index
         y0_bar = jtu.tree_map(
-            lambda yb, g: yb
-            + jnp.sum(
-                jnp.where(
-                    leftover[(...,) + (None,) * yb.ndim], g[ts_offset : ts_offset + num_ts], 0
-                ),
-                axis=0,
+            lambda yb, g: (
+                yb
+                + jnp.sum(
+                    jnp.where(
+                        leftover[(...,) + (None,) * yb.ndim],
+                        g[ts_offset : ts_offset + num_ts],
+                        0,
+                    ),
+                    axis=0,
+                )
             ),
             y0_bar,
             grad_ys,
@@ -350,5 +382,8 @@ def _materialise(grad_ys, y0, num_saved):
     if grad_ys is None:
         return jtu.tree_map(zeros, y0)
     return jtu.tree_map(
-        lambda g, y: zeros(y) if g is None else g, grad_ys, y0, is_leaf=lambda x: x is None
+        lambda g, y: zeros(y) if g is None else g,
+        grad_ys,
+        y0,
+        is_leaf=lambda x: x is None,
     )

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import diffrax
-import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -79,7 +78,13 @@ def _stage_input(a_i, y0, ks):
 
 
 def recompute_stages(
-    tableau: ExplicitTableau, num_stages: int, vf_prod: Callable, t0, t1, y0, *,
+    tableau: ExplicitTableau,
+    num_stages: int,
+    vf_prod: Callable,
+    t0,
+    t1,
+    y0,
+    *,
     num_computed: int | None = None,
 ):
     """The increments k_1..k_{num_stages} of the step from (t0, y0) to t1, as a PyTree
