@@ -92,3 +92,24 @@ def test_accepted_inputs_trace():
             jax.grad(lambda y0: jnp.sum(_solve(y0, solver=solver, saveat=saveat))), Y0
         )
         assert out.shape == (3,)
+
+
+def test_time_gradients_are_refused_not_zero():
+    # t0, t1 and the save times are not inputs of the custom VJP: an error, never a
+    # silent zero.
+    with pytest.raises(RuntimeError, match="Unexpected tangent"):
+        jax.grad(lambda t1: jnp.sum(_solve_to(t1)))(1.0)
+
+
+def _solve_to(t1):
+    field = neuralode.MLPField(3, 4, 1, key=jax.random.PRNGKey(0))
+    return diffrax.diffeqsolve(
+        diffrax.ODETerm(field),
+        diffrax.Tsit5(),
+        0.0,
+        t1,
+        0.1,
+        Y0,
+        max_steps=16,
+        adjoint=neuralode.SymplecticAdjoint(),
+    ).ys

@@ -59,13 +59,14 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         Reverse mode only, first order only: under `jax.jvp`/`jax.jacfwd` JAX raises
         "can't apply forward-mode autodiff (jvp) to a custom_vjp function", and
         differentiating the gradient again raises too. Use `diffrax.ForwardMode()` or
-        `diffrax.DirectAdjoint()` (or `neuralode.BackpropAdjoint()`) for forward mode. Events, implicit solvers,
-        `SaveAt(dense=True)`, `SaveAt(steps=...)`, `SaveAt(fn=...)`, `SaveAt(subs=...)`,
-        a passed `solver_state` and `max_steps=None` are refused with an error that
-        names an alternative. Gradients with respect to `t0`, `t1`, `dt0` or
-        `SaveAt(ts=...)`, or to arrays closed over by the vector field (rather than held
-        in `terms` or passed as `args`), are not computed: JAX raises a
-        `CustomVJPException` (put them in `args`, or use `eqx.filter_closure_convert`).
+        `diffrax.DirectAdjoint()` (or `neuralode.BackpropAdjoint()`) for forward mode.
+        Events, implicit solvers, `SaveAt(dense=True)`, `SaveAt(steps=...)`,
+        `SaveAt(fn=...)`, `SaveAt(subs=...)`, a passed `solver_state` and
+        `max_steps=None` are refused with an error that names an alternative.
+        Gradients with respect to `t0`, `t1`, `dt0` or `SaveAt(ts=...)` are not
+        computed: Equinox raises "Unexpected tangent" (use
+        `diffrax.RecursiveCheckpointAdjoint()` for those). Arrays the vector field
+        closes over are differentiated like parameters held in `terms`.
 
     ??? cite "References"
 
