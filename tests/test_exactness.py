@@ -171,3 +171,42 @@ def test_sde_with_fixed_brownian_path(getkey):
     ref_grad, *results = run((y0, args, field))
     for grad in results:
         assert_tree_allclose(grad, ref_grad, RTOL)
+
+
+def test_pytree_state(getkey):
+    # A state made of several arrays, as in a continuous normalising flow's (z, log p).
+    y0, args, field = small_problem(getkey())
+
+    def loss(inp, adjoint):
+        (z0, w0), args, field = inp
+
+        def vector_field(t, y, a):
+            z, w = y
+            dz = a * field(t, z)
+            return dz, jnp.sum(dz * z) - w
+
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(vector_field),
+            diffrax.Bosh3(),
+            0.0,
+            1.0,
+            0.05,
+            (z0, w0),
+            args=args,
+            saveat=diffrax.SaveAt(ts=SAVE_TS),
+            adjoint=adjoint,
+            max_steps=32,
+            stepsize_controller=PID,
+        )
+        return scalar_loss(sol.ys[0]) + scalar_loss(sol.ys[1])
+
+    @eqx.filter_jit
+    def run(inp):
+        return [
+            eqx.filter_grad(loss)(inp, adjoint)
+            for adjoint in (diffrax.RecursiveCheckpointAdjoint(), *STRATEGIES)
+        ]
+
+    ref_grad, *results = run(((y0, jnp.array(0.3)), args, field))
+    for grad in results:
+        assert_tree_allclose(grad, ref_grad, RTOL)
