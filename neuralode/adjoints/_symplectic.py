@@ -257,8 +257,9 @@ def _symplectic_loop_bwd(
         _terms = eqx.combine(params[1], static_terms)
         return _terms.vf_prod(t, y, _args, _terms.contr(t_start, t_end))
 
-    # Interpolation uses every stage (FSAL included); y_{n+1} may not need the last.
-    num_stages = tableau.num_stages if num_ts else tableau.stages_for_solution()
+    # y_{n+1} may not need the last stage (FSAL); interpolating a save needs every one.
+    solution_stages = tableau.stages_for_solution()
+    num_stages = tableau.num_stages if num_ts else solution_stages
     is_euler = type(solver) is diffrax.Euler
 
     def interpolate(t_start, t_end, y_start, y_end, ks, t):
@@ -276,6 +277,20 @@ def _symplectic_loop_bwd(
             lambda a, buf: jnp.where(n == 0, a, buf[prev]), y0, step_ys
         )
         y_end = jtu.tree_map(lambda buf: buf[n], step_ys)
+
+        # Diffrax saves ts[j] in the first step with ts[j] <= t_end.
+        def has_save(c):
+            j = c[0]
+            return (j >= 0) & ((save_ts[jnp.maximum(j, 0)] > t_start) | (n == 0))
+
+        if num_ts:
+            saves_here = has_save((ts_index,))
+            num_pulled = jnp.where(saves_here, num_stages, solution_stages)
+            num_computed = jnp.where(saves_here, num_stages, solution_stages - 1)
+        else:
+            num_pulled = num_stages
+            # The stage pullback needs every k but the last.
+            num_computed = num_stages - 1
         ks = recompute_stages(
             tableau,
             num_stages,
@@ -283,16 +298,11 @@ def _symplectic_loop_bwd(
             t_start,
             t_end,
             y_start,
-            # Dense output needs every k; the stage pullback all but the last.
-            num_computed=num_stages if num_ts else num_stages - 1,
+            num_computed=num_computed,
         )
         y_start_bar = jtu.tree_map(jnp.zeros_like, y0)
         k_bar = jtu.tree_map(jnp.zeros_like, ks)
         if num_ts:
-            # Diffrax saves ts[j] in the first step with ts[j] <= t_end.
-            def has_save(c):
-                j = c[0]
-                return (j >= 0) & ((save_ts[jnp.maximum(j, 0)] > t_start) | (n == 0))
 
             def pull_save(c):
                 j, y_start_bar, lam, k_bar = c
@@ -319,7 +329,7 @@ def _symplectic_loop_bwd(
             )
         b = jnp.asarray(tableau.b[:num_stages])
         k_bar = jtu.tree_map(
-            lambda kb, l: kb + b.astype(l.dtype)[(...,) + (None,) * l.ndim] * l,
+            lambda kb, lm: kb + b.astype(lm.dtype)[(...,) + (None,) * lm.ndim] * lm,
             k_bar,
             lam,
         )
@@ -340,6 +350,7 @@ def _symplectic_loop_bwd(
             ks,
             k_bar,
             params_bar,
+            num_pulled=num_pulled,
         )
         lam = jtu.tree_map(lambda *x: sum(x), lam, y_bar_sum, y_start_bar)
         return n - 1, ts_index, lam, params_bar

@@ -90,8 +90,9 @@ def recompute_stages(
     """The increments k_1..k_{num_stages} of the step from (t0, y0) to t1, as a PyTree
     of `(num_stages, *leaf.shape)` buffers. Nothing is kept for differentiation.
 
-    Only the first `num_computed` (default: all) are evaluated, the rest left zero: the
-    pullback needs k_j only to form later stage inputs, so never the last one's."""
+    Only the first `num_computed` (default: all; may be traced) are evaluated, the rest
+    left zero: the pullback needs k_j only to form later stage inputs, so never the last
+    one's."""
     a = jnp.asarray(tableau.a[:num_stages, :num_stages])
     c = jnp.asarray(tableau.c[:num_stages], dtype=jnp.result_type(t0))
     ks = jtu.tree_map(lambda y: jnp.zeros((num_stages, *y.shape), y.dtype), y0)
@@ -116,20 +117,24 @@ def pullback_stages(
     ks,
     k_bar,
     params_bar,
+    *,
+    num_pulled=None,
 ):
     """Reverse mode through the stages, last to first.
 
     `k_bar` holds the cotangents already on each k_i (b_i λ plus dense output);
     `vf_prod_vjp(t, y, cotangent) -> (y_bar, params_bar)` is one VJP of F at (t, y).
-    Returns Σ_i Ȳ_i and the accumulated parameter cotangent.
+    Only the first `num_pulled` stages (default: all; may be traced) are visited: the
+    rest carry no cotangent. Returns Σ_i Ȳ_i and the accumulated parameter cotangent.
     """
+    num_pulled = num_stages if num_pulled is None else num_pulled
     a = jnp.asarray(tableau.a[:num_stages, :num_stages])
     c = jnp.asarray(tableau.c[:num_stages], dtype=jnp.result_type(t0))
     y_bar_sum = jtu.tree_map(jnp.zeros_like, y0)
 
     def body(step, carry):
         k_bar, y_bar_sum, params_bar = carry
-        i = num_stages - 1 - step
+        i = num_pulled - 1 - step
         y_i = _stage_input(a[i], y0, ks)
         k_bar_i = jtu.tree_map(lambda kb: kb[i], k_bar)
         y_bar_i, params_bar_i = vf_prod_vjp(_stage_time(c[i], t0, t1), y_i, k_bar_i)
@@ -144,6 +149,6 @@ def pullback_stages(
         return k_bar, y_bar_sum, params_bar
 
     _, y_bar_sum, params_bar = lax.fori_loop(
-        0, num_stages, body, (k_bar, y_bar_sum, params_bar)
+        0, num_pulled, body, (k_bar, y_bar_sum, params_bar)
     )
     return y_bar_sum, params_bar
