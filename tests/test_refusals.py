@@ -113,3 +113,25 @@ def _solve_to(t1):
         max_steps=16,
         adjoint=neuralode.SymplecticAdjoint(),
     ).ys
+
+
+def test_backprop_is_the_forward_mode_alternative():
+    def solve(y0, adjoint):
+        field = neuralode.MLPField(3, 4, 1, key=jax.random.PRNGKey(0))
+        return diffrax.diffeqsolve(
+            diffrax.ODETerm(field),
+            diffrax.Tsit5(),
+            0.0,
+            1.0,
+            0.1,
+            y0,
+            max_steps=16,
+            adjoint=adjoint,
+        ).ys
+
+    tangent = jnp.array([1.0, 2.0, 3.0])
+    _, ours = jax.jvp(
+        lambda y: solve(y, neuralode.BackpropAdjoint()), (Y0,), (tangent,)
+    )
+    _, ref = jax.jvp(lambda y: solve(y, diffrax.ForwardMode()), (Y0,), (tangent,))
+    assert jnp.allclose(ours, ref, rtol=1e-12, atol=0)

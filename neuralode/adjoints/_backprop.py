@@ -7,11 +7,11 @@ of width d. It is the fastest exact gradient and the baseline the other strategi
 memory against.
 """
 
-import functools as ft
-
 import diffrax
 import equinox as eqx
 import equinox.internal as eqxi
+
+from . import _diffrax_private as private
 
 
 def _is_none(x):
@@ -49,21 +49,17 @@ class BackpropAdjoint(diffrax.AbstractAdjoint):
             solver = eqx.tree_at(
                 lambda s: s.scan_kind, solver, "bounded", is_leaf=_is_none
             )
-        outer = ft.partial(eqxi.while_loop, kind="bounded", base=max(max_steps, 2))
-        # The save-at-ts loop is short: base = its length makes it one scan as well.
-        inner = _bounded_single_scan
-        return self._loop(
+        return private.loop(
             solver=solver,
             max_steps=max_steps,
-            inner_while_loop=inner,
-            outer_while_loop=outer,
+            inner_while_loop=_single_scan,
+            outer_while_loop=_single_scan,
             **kwargs,
         )
 
 
-def _bounded_single_scan(
-    cond_fun, body_fun, init_val, *, max_steps, buffers, checkpoints=None
-):
+def _single_scan(cond_fun, body_fun, init_val, *, max_steps, buffers, checkpoints=None):
+    # A bounded loop whose base is its length: one `lax.scan`, no checkpoints.
     del checkpoints
     return eqxi.while_loop(
         cond_fun,
