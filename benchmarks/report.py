@@ -21,7 +21,7 @@ What each row measures:
     `XLA_PYTHON_CLIENT_PREALLOCATE=false` and `XLA_FLAGS=--xla_gpu_autotune_level=0` (with
     autotuning on, the compiler's own peak hides the solve). `null` on CPU.
 - `time_ms`: median of ≥5 runs after compilation, in this process (autotuning as the
-    environment sets it).
+    environment sets it), timed one configuration at a time after everything else ran.
 - `grad_rel_error`: against the float64 gradient of the same discretisation (full
     backpropagation in float64, itself checked against `RecursiveCheckpointAdjoint` in the
     float64 rows).
@@ -29,17 +29,27 @@ What each row measures:
   1e-12).
 - `nfe_forward` / `nfe_backward`: evaluations of f counted at run time in a separate,
     untimed compile: the primal solve, and the gradient minus the primal solve.
+
+Float32 matrix products run at `jax_default_matmul_precision="highest"`: JAX's default on
+NVIDIA GPUs is TF32, whose rounding would hide the strategies' own errors (torch's default
+for float32 matmuls is full float32 too).
+
+Everything but the timings is measured first, several configurations at a time in
+threads (compiling is most of the work) while, on a GPU, fresh processes measure the
+peaks; then torchdiffeq; then the timings. The budget (`--budget-s`) decides what starts:
+configurations are tried in the order of `plan`, and one starts only while the budget
+still holds the estimated timings of those already prepared.
 """
 
 import argparse
 import concurrent.futures
-import functools as ft
 import json
 import os
 import platform
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -51,6 +61,7 @@ T1 = 1.0
 # error) actually depends on the tolerance: over [0, 1] this field is so smooth that
 # Tsit5 meets rtol = 1e-2 and 1e-7 with the same few steps.
 T1_TOLERANCE = 8.0
+MATMUL_PRECISION = "highest"
 
 CORE = ("backprop", "continuous", "symplectic")
 PEERS = (
@@ -60,6 +71,8 @@ PEERS = (
     "diffrax_backsolve",
 )
 TORCH = ("torch_odeint", "torch_odeint_adjoint")
+# Strategies of the gradient-error-vs-tolerance sweep.
+TOLERANCE = ("continuous", "symplectic")
 DESCRIPTION = {
     "backprop": "neuralode backprop (`BackpropAdjoint`)",
     "continuous": "neuralode continuous (`ContinuousAdjoint` over `BacksolveAdjoint`)",
@@ -90,9 +103,10 @@ SIZES = {
         n_base=128,
         depths=(1, 2, 4),
         widths=(16, 32, 64),
-        solvers=("heun", "bosh3", "tsit5", "dopri8"),
+        solvers=("heun", "tsit5", "dopri8"),
         tols=(1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8),
         peers_n=("diffrax_rca_n",),
+        peers_n_steps=(16, 128, 1024),
         peers_other=(),
         float64_strategies=("diffrax_rca_n",),
         repeats=5,
@@ -112,6 +126,7 @@ SIZES = {
         tols=(1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8),
         # The slowest to compile last: the budget cuts from the end.
         peers_n=("diffrax_rca_n", "diffrax_backsolve", "diffrax_direct", "diffrax_rca"),
+        peers_n_steps=(64, 256, 1024),
         peers_other=(),
         float64_strategies=("continuous", "diffrax_rca_n"),
         repeats=5,
@@ -157,7 +172,7 @@ def plan(sizes: dict) -> list[dict]:
     for solver in sizes["solvers"]:
         add("s", CORE + sizes["peers_other"], solver=solver)
     for strategy in sizes["peers_n"]:
-        for n in sizes["n_sweep"]:
+        for n in sizes["peers_n_steps"]:
             add("n", (strategy,), n_steps=n)
     return configs
 
@@ -201,6 +216,9 @@ def _jax():
     import jax
 
     jax.config.update("jax_enable_x64", True)
+    # float32 products in float32: on NVIDIA GPUs JAX's default is TF32, whose rounding
+    # (about 1e-3) would hide every strategy's own error behind the matmul's.
+    jax.config.update("jax_default_matmul_precision", MATMUL_PRECISION)
     return jax
 
 
@@ -328,39 +346,49 @@ def flat_grads(grads) -> list[np.ndarray]:
 
 
 class Measurer:
-    """Runs JAX configurations in this process, caching references and counts."""
+    """Measures JAX configurations in this process in two passes: `prepare` (compile,
+    XLA's memory figure, gradient errors, evaluation counts; thread-safe, so that
+    configurations compile side by side) and `time_ms` (run alone, one configuration at a
+    time). References and counts shared between configurations are computed once."""
 
     def __init__(self, repeats: int, configs: list[dict]):
         self.repeats = repeats
         self.configs = configs
-        self._exact = {}
-        self._continuous = {}
-        self._nfe_forward = {}
-        self._primal_count = {}
-        self._nfe_backward = {}
+        self._lock = threading.Lock()
+        self._once_results = {}
+
+    def _once(self, key, make):
+        """`make()`, computed by the first thread that asks for `key`; later askers wait
+        for that result (no deadlock: the computing thread is already running)."""
+        with self._lock:
+            future = self._once_results.get(key)
+            owner = future is None
+            if owner:
+                future = self._once_results[key] = concurrent.futures.Future()
+        if owner:
+            try:
+                future.set_result(make())
+            except BaseException as e:
+                future.set_exception(e)
+        return future.result()
 
     def exact_reference(self, c):
         """float64 full backprop of the same discretisation."""
-        key = (
-            c["solver"],
-            c["n_steps"],
-            c["depth"],
-            c["width"],
-            c["batch"],
-            c["state_dim"],
-        )
-        if key not in self._exact:
+
+        def make():
             params, static, y0 = jax_problem(c, "float64")
             g = grad_fn(
                 loss_fn("backprop", c["solver"], c["n_steps"], static, "float64")
             )
-            self._exact[key] = flat_grads(g(params, y0))
-        return self._exact[key]
+            return flat_grads(g(params, y0))
+
+        key = ("exact", c["solver"], c["n_steps"]) + _network_key(c)
+        return self._once(key, make)
 
     def continuous_reference(self, c, t1=T1):
         """float64 Dopri8 at rtol = atol = 1e-12: the gradient of the ODE itself."""
-        key = (c["depth"], c["width"], c["batch"], c["state_dim"], t1)
-        if key not in self._continuous:
+
+        def make():
             import jax.numpy as jnp
 
             params, static, y0 = jax_problem(c, "float64")
@@ -377,8 +405,9 @@ class Measurer:
             )
             jax = _jax()
             g = jax.jit(jax.grad(loss, argnums=(0, 1)))
-            self._continuous[key] = flat_grads(g(params, y0, jnp.asarray(1e-12)))
-        return self._continuous[key]
+            return flat_grads(g(params, y0, jnp.asarray(1e-12)))
+
+        return self._once(("continuous", t1) + _network_key(c), make)
 
     def nfe(self, c):
         """(forward, backward) evaluations of f, counted at run time on a small network
@@ -387,13 +416,12 @@ class Measurer:
         count for strategies that store every step; checkpointing schedules
         (`diffrax_rca`, `diffrax_direct`) depend on `max_steps` and get one compile per
         n."""
-        key = (c["strategy"], c["solver"], c["n_steps"])
-        if key not in self._nfe_backward:
-            per_n = c["strategy"] in ("diffrax_rca", "diffrax_direct")
-            ns = (
-                [c["n_steps"]]
-                if per_n
-                else sorted(
+        per_n = c["strategy"] in ("diffrax_rca", "diffrax_direct")
+        ns = (
+            (c["n_steps"],)
+            if per_n
+            else tuple(
+                sorted(
                     {
                         p["n_steps"]
                         for p in self.configs
@@ -402,13 +430,22 @@ class Measurer:
                     | {c["n_steps"]}
                 )
             )
-            fwd, bwd = self._count(c, ns)
-            for n in ns:
-                self._nfe_backward[key[:2] + (n,)] = bwd[n] - fwd[n]
-                self._nfe_forward[key[:2] + (n,)] = fwd[n]
-        return self._nfe_forward[key], self._nfe_backward[key]
+        )
+        key = ("nfe", c["strategy"], c["solver"], ns)
+        fwd, total = self._once(key, lambda: self._count(c, ns))
+        n = c["n_steps"]
+        return fwd[n], total[n] - fwd[n]
 
-    def _count(self, c, ns):
+    def _primal_count(self, solver, ns):
+        """Evaluations of f in the primal solve: the same loop for every strategy, so
+        one compile serves every n of the plan with this solver."""
+        planned = {p["n_steps"] for p in self.configs if p["solver"] == solver}
+        ns = tuple(sorted(planned)) if set(ns) <= planned else ns
+        c = dict(strategy="diffrax_rca_n", solver=solver)
+        return self._once(("primal", solver, ns), lambda: self._count(c, ns, False))
+
+    def _count(self, c, ns, gradient=True):
+        """({n: evaluations in the primal solve}, {n: evaluations in the gradient})."""
         import diffrax
         import equinox as eqx
         import jax.numpy as jnp
@@ -416,14 +453,16 @@ class Measurer:
         import neuralode
 
         jax = _jax()
-        small = dict(c, depth=1, width=4, batch=2, state_dim=2, dtype="float32")
+        small = dict(
+            c, n_steps=max(ns), depth=1, width=4, batch=2, state_dim=2, dtype="float32"
+        )
         params, static, y0 = jax_problem(small)
         dtype = "float32"
         counter = neuralode.EvaluationCounter()
         max_steps = max(ns)
         adjoint = make_adjoint(c["strategy"], max_steps)
 
-        def loss(params, y0, dt0, adjoint):
+        def loss(params, y0, dt0):
             sol = diffrax.diffeqsolve(
                 diffrax.ODETerm(counter.wrap(eqx.combine(params, static))),
                 make_solver(c["solver"]),
@@ -437,32 +476,21 @@ class Measurer:
             )
             return 0.5 * jnp.mean(sol.ys[-1] ** 2)
 
-        grad = jax.jit(jax.grad(ft.partial(loss, adjoint=adjoint), argnums=(0, 1)))
-        fwd, total = {}, {}
-        primal = None
+        fn = jax.jit(jax.grad(loss, argnums=(0, 1)) if gradient else loss)
+        counts = {}
         for n in ns:
-            dt0 = jnp.asarray(T1 / n, dtype)
-            # The primal solve is the same loop for every strategy: count it once.
-            if (c["solver"], n) not in self._primal_count:
-                if primal is None:
-                    primal = jax.jit(
-                        ft.partial(loss, adjoint=diffrax.RecursiveCheckpointAdjoint())
-                    )
-                counter.reset()
-                jax.block_until_ready(primal(params, y0, dt0))
-                self._primal_count[(c["solver"], n)] = counter.count
-            fwd[n] = self._primal_count[(c["solver"], n)]
             counter.reset()
-            jax.block_until_ready(grad(params, y0, dt0))
-            total[n] = counter.count
-        return fwd, total
+            jax.block_until_ready(fn(params, y0, jnp.asarray(T1 / n, dtype)))
+            counts[n] = counter.count
+        if not gradient:
+            return counts
+        return self._primal_count(c["solver"], ns), counts
 
-    def row(self, c, nfe=None):
-        """Every field of one row except `peak_bytes` (`nfe`: counts already made by a
-        worker process)."""
+    def prepare(self, c) -> dict:
+        """Every field of one row except `time_ms` and `peak_bytes`; the compiled
+        gradient and its inputs are kept under `"timed"` for `time_ms`."""
         import neuralode
 
-        jax = _jax()
         params, static, y0 = jax_problem(c)
         g = grad_fn(
             loss_fn(c["strategy"], c["solver"], c["n_steps"], static, c["dtype"])
@@ -470,74 +498,84 @@ class Measurer:
         start = time.perf_counter()
         compiled = g.lower(params, y0).compile()
         compile_s = time.perf_counter() - start
-        temp = int(compiled.memory_analysis().temp_size_in_bytes)
+        start = time.perf_counter()
         grads = flat_grads(compiled(params, y0))
-        time_ms = neuralode.median_time_ms(compiled, params, y0, repeats=self.repeats)
-        del jax
-        nfe_f, nfe_b = nfe if nfe is not None else self.nfe(c)
+        run_s = time.perf_counter() - start
+        nfe_forward, nfe_backward = self.nfe(c)
         return dict(
-            xla_temp_bytes=temp,
-            time_ms=time_ms,
+            xla_temp_bytes=int(compiled.memory_analysis().temp_size_in_bytes),
             compile_s=compile_s,
             grad_rel_error=neuralode.relative_error(grads, self.exact_reference(c)),
             grad_rel_error_continuous=neuralode.relative_error(
                 grads, self.continuous_reference(c)
             ),
-            nfe_forward=nfe_f,
-            nfe_backward=nfe_b,
+            nfe_forward=nfe_forward,
+            nfe_backward=nfe_backward,
             stages=stages(c["solver"]),
             state_bytes=c["batch"] * c["state_dim"] * np.dtype(c["dtype"]).itemsize,
+            timed=(compiled, params, y0),
+            run_s=run_s,
         )
 
-    def tolerance_rows(self, sizes, deadline):
+    def time_ms(self, prepared: dict) -> float:
+        """Median time of the prepared gradient (run with nothing else in flight)."""
+        import neuralode
+
+        return neuralode.median_time_ms(*prepared["timed"], repeats=self.repeats)
+
+    def row(self, c) -> dict:
+        """Every field of one row except `peak_bytes`: `prepare` then `time_ms`."""
+        prepared = self.prepare(c)
+        prepared["time_ms"] = self.time_ms(prepared)
+        del prepared["timed"], prepared["run_s"]
+        return prepared
+
+    def tolerance_rows(self, sizes, strategy, dtype):
         """Gradient error against the converged solve, adaptive Tsit5, rtol = atol = tol,
-        for `continuous` and `symplectic` in float64 and float32 (one compile each: the
-        tolerance is a traced input)."""
+        for one strategy and dtype (one compile: the tolerance is a traced input)."""
         import jax.numpy as jnp
 
         import neuralode
 
         jax = _jax()
-        base = plan(sizes)[0]
+        c = dict(plan(sizes)[0], strategy=strategy, dtype=dtype)
+        params, static, y0 = jax_problem(c)
+        loss = loss_fn(
+            strategy,
+            "tsit5",
+            None,
+            static,
+            dtype,
+            tol=True,
+            max_steps=4096,
+            t1=T1_TOLERANCE,
+        )
+        g = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        ref = self.continuous_reference(c, T1_TOLERANCE)
         rows = []
-        for dtype in ("float64", "float32"):
-            for strategy in ("continuous", "symplectic"):
-                if time.perf_counter() > deadline:
-                    return rows
-                c = dict(base, strategy=strategy, dtype=dtype)
-                params, static, y0 = jax_problem(c)
-                loss = loss_fn(
-                    strategy,
-                    "tsit5",
-                    None,
-                    static,
-                    dtype,
-                    tol=True,
-                    max_steps=4096,
-                    t1=T1_TOLERANCE,
+        for tol in sizes["tols"]:
+            grads = flat_grads(g(params, y0, jnp.asarray(tol, dtype)))
+            finite = all(np.all(np.isfinite(x)) for x in grads)
+            rows.append(
+                dict(
+                    strategy=strategy,
+                    dtype=dtype,
+                    solver="tsit5",
+                    tol=tol,
+                    depth=c["depth"],
+                    width=c["width"],
+                    batch=c["batch"],
+                    state_dim=c["state_dim"],
+                    grad_rel_error_continuous=(
+                        neuralode.relative_error(grads, ref) if finite else None
+                    ),
                 )
-                g = jax.jit(jax.grad(loss, argnums=(0, 1)))
-                ref = self.continuous_reference(c, T1_TOLERANCE)
-                for tol in sizes["tols"]:
-                    tol_arr = jnp.asarray(tol, dtype)
-                    grads = flat_grads(g(params, y0, tol_arr))
-                    finite = all(np.all(np.isfinite(x)) for x in grads)
-                    rows.append(
-                        dict(
-                            strategy=strategy,
-                            dtype=dtype,
-                            solver="tsit5",
-                            tol=tol,
-                            depth=c["depth"],
-                            width=c["width"],
-                            batch=c["batch"],
-                            state_dim=c["state_dim"],
-                            grad_rel_error_continuous=(
-                                neuralode.relative_error(grads, ref) if finite else None
-                            ),
-                        )
-                    )
+            )
         return rows
+
+
+def _network_key(c: dict) -> tuple:
+    return (c["depth"], c["width"], c["batch"], c["state_dim"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -560,15 +598,11 @@ def peak_worker(c: dict) -> dict:
     peak = neuralode.peak_memory_bytes()
     if peak is None:
         return dict(peak_bytes=None)
-    result = dict(
+    return dict(
         peak_bytes=peak - baseline,
         peak_compile_bytes=after_compile - baseline,
         backend=jax.default_backend(),
     )
-    # The peak is read: now count evaluations here too, in parallel with the other
-    # workers, to spare the main process those compiles.
-    result["nfe"] = Measurer(1, [c]).nfe(c)
-    return result
 
 
 def torch_worker(configs: list[dict], repeats: int, deadline: float) -> list[dict]:
@@ -798,7 +832,7 @@ def checks(rows: list[dict]) -> list[dict]:
             r
             for r in rows
             if r["strategy"] == strategy
-            and r.get("time_ms") is not None
+            and r.get("grad_rel_error") is not None
             and all(r[k] == v for k, v in match.items())
         ]
 
@@ -885,8 +919,9 @@ def write_markdown(results: dict, out_dir: str) -> str:
             else ", torchdiffeq not installed"
         )
         + "  ",
-        f"Mode: {results['mode']}; wall time {results['wall_s']:.0f} s. Every figure below "
-        "is read from `results.json` in this folder.",
+        f"Mode: {results['mode']}; wall time {results['wall_s']:.0f} s; float32 matrix "
+        f"products at precision `{results.get('matmul_precision', 'default')}`. Every "
+        "figure below is read from `results.json` in this folder.",
         "",
         "Problem: dy/dt = MLP(y) (tanh), t ∈ [0, 1], constant steps 1/n, loss ½·mean(y(1)²), "
         "gradient w.r.t. the MLP's parameters and y0. Memory in MiB: `xla` = XLA's static "
@@ -1120,7 +1155,18 @@ def main(argv=None):
         default=None,
         help="wall-time budget; configurations past it are skipped",
     )
-    parser.add_argument("--peak-workers", type=int, default=None)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="configurations compiled side by side (default: half the CPU cores, 2-8)",
+    )
+    parser.add_argument(
+        "--peak-workers",
+        type=int,
+        default=None,
+        help="GPU: peak-measuring processes at a time (default: half the CPU cores, ≤8)",
+    )
     parser.add_argument(
         "--render",
         metavar="DIR",
@@ -1154,23 +1200,99 @@ def main(argv=None):
     budget = args.budget_s or sizes["budget_s"]
     deadline = start + budget
     configs = plan(sizes)
+    first = {}
+    for c in configs:
+        first.setdefault(config_key(c), c)
+    unique = list(first.values())
+    cpus = os.cpu_count() or 2
     skipped = []
 
-    # Before JAX starts in this process (it would take the GPU's memory): device peaks
-    # in fresh processes, then torchdiffeq in its own process.
+    def elapsed():
+        return f"[{time.perf_counter() - start:6.1f}s]"
+
     backend = probe_backend()
-    peaks = {}
     if backend == "gpu":
-        workers = args.peak_workers or max(1, min(8, (os.cpu_count() or 2) // 2))
-        peaks, failures = measure_peaks(configs, start + 0.3 * budget, workers)
-        skipped += failures
-    torch_rows, versions = [], {}
+        # Peak workers run beside this process: none may take the GPU's memory up front.
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    jax = _jax()
+    import diffrax
+    import equinox
+
+    import neuralode
+
+    measurer = Measurer(sizes["repeats"], configs)
     import importlib.util
 
-    if importlib.util.find_spec("torch") and importlib.util.find_spec("torchdiffeq"):
+    with_torch = bool(
+        importlib.util.find_spec("torch") and importlib.util.find_spec("torchdiffeq")
+    )
+    # Pass 1, several tasks at a time (compiling is most of the work), while fresh
+    # processes measure device peaks: everything but the timings. Tasks start in plan
+    # order, the tolerance sweep after the n and float64 rows. A task starts only while
+    # the budget still holds the timings of what is prepared (estimated from each first
+    # run), torchdiffeq's share, and a reserve for tasks in flight and the output.
+    reserve = (0.05 + 0.15 * with_torch) * budget
+    timing_s, lock = [0.0], threading.Lock()
+
+    def timing_estimate():
+        return 1.5 * (sizes["repeats"] + 1) * timing_s[0]
+
+    def run_task(kind, item):
+        if time.perf_counter() + reserve + timing_estimate() > deadline:
+            return None, "time budget"
+        try:
+            if kind == "tolerance":
+                return measurer.tolerance_rows(sizes, *item), None
+            result = measurer.prepare(item)
+        except Exception as e:  # one failing configuration must not end the report
+            return None, f"{type(e).__name__}: {str(e)[:200]}"
+        with lock:
+            timing_s[0] += result["run_s"]
+        print(
+            f"{elapsed()} {item['sweep']:7s} {item['strategy']:18s} {item['solver']:6s}"
+            f" n={item['n_steps']:<5d} m={item['depth']} d={item['width']:<4d}"
+            f" {item['dtype']}  xla={result['xla_temp_bytes'] / 2**20:9.3f} MiB"
+            f"  err={result['grad_rel_error']:.1e}",
+            flush=True,
+        )
+        return result, None
+
+    split = next(
+        (i for i, c in enumerate(unique) if c["sweep"] not in ("n", "float64")),
+        len(unique),
+    )
+    tasks = (
+        [("row", c) for c in unique[:split]]
+        + [("tolerance", (s, d)) for d in ("float64", "float32") for s in TOLERANCE]
+        + [("row", c) for c in unique[split:]]
+    )
+    threads = args.threads or max(2, min(8, cpus // 2))
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(run_task, *task) for task in tasks]
+        peaks = {}
+        if backend == "gpu":
+            workers = args.peak_workers or max(1, min(8, cpus // 2))
+            peaks, failures = measure_peaks(unique, start + 0.5 * budget, workers)
+            skipped += failures
+        prepared, tolerance_rows = {}, []
+        for (kind, item), future in zip(tasks, futures, strict=True):
+            result, error = future.result()
+            if kind == "tolerance":
+                tolerance_rows += result or []
+                if error:
+                    skipped.append(f"tolerance {item}: {error}")
+            elif result is not None:
+                prepared[config_key(item)] = result
+            else:
+                skipped.append(f"{item['sweep']}:{config_key(item)}: {error}")
+
+    # torchdiffeq in its own process, then the JAX timings here, each with the device
+    # to itself.
+    torch_rows, versions = [], {}
+    if with_torch:
         base = [c for c in configs if c["sweep"] == "n" and c["strategy"] == "backprop"]
         tconfigs = [dict(c, strategy=s) for c in base for s in TORCH]
-        left = 0.42 * budget - (time.perf_counter() - start)
+        left = deadline - time.perf_counter() - 0.03 * budget - timing_estimate()
         result, error = _run_worker(
             "torch",
             dict(configs=tconfigs, repeats=sizes["repeats"], budget_s=left),
@@ -1186,41 +1308,22 @@ def main(argv=None):
                     torch=result[0]["torch"], torchdiffeq=result[0]["torchdiffeq"]
                 )
 
-    jax = _jax()
-    import diffrax
-    import equinox
+    for key, result in prepared.items():
+        if time.perf_counter() > deadline - 0.02 * budget:
+            skipped.append(f"timing {key} (time budget)")
+        else:
+            result["time_ms"] = measurer.time_ms(result)
+            print(f"{elapsed()} time {key}: {result['time_ms']:.2f} ms", flush=True)
+        del result["timed"], result["run_s"]
 
-    measurer = Measurer(sizes["repeats"], configs)
-    rows, done = [], {}
-    # Keep a reserve of the budget for the tolerance sweep and the output.
-    rows_deadline = deadline - 0.12 * budget
+    rows = []
     for c in configs:
         key = config_key(c)
-        if key not in done:
-            if time.perf_counter() > rows_deadline:
-                skipped.append(f"{c['sweep']}:{key} (time budget)")
-                continue
-            try:
-                done[key] = measurer.row(c, (peaks.get(key) or {}).get("nfe"))
-            except Exception as e:  # one failing configuration must not end the report
-                skipped.append(
-                    f"{c['sweep']}:{key}: {type(e).__name__}: {str(e)[:200]}"
-                )
-                continue
-            print(
-                f"[{time.perf_counter() - start:6.1f}s] {c['sweep']:7s} {c['strategy']:18s}"
-                f" {c['solver']:6s} n={c['n_steps']:<5d} m={c['depth']} d={c['width']:<4d}"
-                f" {c['dtype']}  xla={done[key]['xla_temp_bytes'] / 2**20:9.3f} MiB  "
-                f"t={done[key]['time_ms']:8.2f} ms  err={done[key]['grad_rel_error']:.1e}",
-                flush=True,
-            )
-        row = dict(c, **done[key])
-        row["peak_bytes"] = (peaks.get(key) or {}).get("peak_bytes")
-        rows.append(row)
+        if key in prepared:
+            peak = (peaks.get(key) or {}).get("peak_bytes")
+            rows.append(dict(c, time_ms=None) | prepared[key] | dict(peak_bytes=peak))
     for r in torch_rows:
         ref = measurer.continuous_reference(r)
-        import neuralode
-
         r["grad_rel_error_continuous"] = neuralode.relative_error(
             [np.asarray(g) for g in r.pop("grads")], ref
         )
@@ -1228,8 +1331,6 @@ def main(argv=None):
         r.pop("torchdiffeq", None)
         r["state_bytes"] = r["batch"] * r["state_dim"] * 4
         rows.append(r)
-
-    tolerance_rows = measurer.tolerance_rows(sizes, deadline - 0.02 * budget)
 
     device = jax.devices()[0]
     kind = "cpu" if device.platform == "cpu" else device.device_kind
@@ -1247,6 +1348,8 @@ def main(argv=None):
         **versions,
         command=command_line(argv),
         mode=mode,
+        matmul_precision=MATMUL_PRECISION,
+        threads=threads,
         sizes=sizes,
         rows=rows,
         tolerance_rows=tolerance_rows,

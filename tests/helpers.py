@@ -11,7 +11,7 @@ def assert_tree_allclose(actual, expected, rtol):
     a_leaves, a_def = jtu.tree_flatten(actual)
     e_leaves, e_def = jtu.tree_flatten(expected)
     assert a_def == e_def, (a_def, e_def)
-    for a, e in zip(a_leaves, e_leaves):
+    for a, e in zip(a_leaves, e_leaves, strict=True):
         a, e = np.asarray(a), np.asarray(e)
         assert a.shape == e.shape
         scale = max(np.max(np.abs(e)), 1e-300)

@@ -44,6 +44,7 @@ TINY = dict(
     solvers=("heun",),
     tols=(1e-3,),
     peers_n=(),
+    peers_n_steps=(),
     peers_other=(),
     float64_strategies=(),
     repeats=1,

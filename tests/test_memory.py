@@ -17,7 +17,8 @@ ACTIVATION_BYTES = BATCH * WIDTH * DEPTH * ITEMSIZE
 N_SMALL, N_LARGE = 32, 64
 
 
-def _temp_bytes(adjoint, n, solver=diffrax.Tsit5()):
+def _temp_bytes(adjoint, n, solver=None):
+    solver = diffrax.Tsit5() if solver is None else solver
     field = neuralode.MLPField(DIM, WIDTH, DEPTH, key=jax.random.PRNGKey(0))
     params, static = eqx.partition(field, eqx.is_array)
     y0 = jnp.full((BATCH, DIM), 0.1)

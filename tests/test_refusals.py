@@ -16,14 +16,16 @@ PID = diffrax.PIDController(rtol=1e-3, atol=1e-3)
 def _solve(
     y0,
     *,
-    solver=diffrax.Tsit5(),
-    saveat=diffrax.SaveAt(t1=True),
+    solver=None,
+    saveat=None,
     max_steps=16,
     terms=None,
     **kwargs,
 ):
     field = neuralode.MLPField(3, 4, 1, key=jax.random.PRNGKey(0))
     terms = diffrax.ODETerm(field) if terms is None else terms
+    solver = diffrax.Tsit5() if solver is None else solver
+    saveat = diffrax.SaveAt(t1=True) if saveat is None else saveat
     return diffrax.diffeqsolve(
         terms,
         solver,
@@ -88,9 +90,8 @@ def test_accepted_inputs_trace():
     # The refusals are not over-broad: every explicit solver and SaveAt(t0, t1, ts) trace.
     for solver in (diffrax.Euler(), diffrax.Heun(), diffrax.Dopri8()):
         saveat = diffrax.SaveAt(t0=True, t1=True, ts=jnp.linspace(0.0, 1.0, 4))
-        out = jax.eval_shape(
-            jax.grad(lambda y0: jnp.sum(_solve(y0, solver=solver, saveat=saveat))), Y0
-        )
+        loss = lambda y0, s=solver, sa=saveat: jnp.sum(_solve(y0, solver=s, saveat=sa))
+        out = jax.eval_shape(jax.grad(loss), Y0)
         assert out.shape == (3,)
 
 
