@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts on tiny sizes (the scripts themselves are run
 by hand: `python benchmarks/report.py --quick`)."""
 
+import json
 import os
 import sys
 
@@ -61,17 +62,42 @@ def test_plan_covers_every_sweep():
     assert set(report.PEERS) <= {c["strategy"] for c in full}
 
 
-def test_one_row_has_every_field(tmp_path):
-    configs = report.plan(TINY)
-    measurer = report.Measurer(1, configs)
-    c = dict(configs[0], strategy="symplectic")
-    row = dict(c, **measurer.row(c), peak_bytes=None)
-    for field in ROW_FIELDS:
-        assert field in row
-    assert row["xla_temp_bytes"] > 0 and row["time_ms"] > 0
+def test_report_runs_end_to_end(tmp_path, monkeypatch):
+    # The whole script on the smallest plan: threads, timings, outputs.
+    tiny = dict(TINY, n_sweep=(4, 8), depths=(1,), widths=(4,), budget_s=600)
+    monkeypatch.setitem(report.SIZES, "quick", tiny)
+    report.main(["--quick", "--out", str(tmp_path)])
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)
+    assert results["skipped"] == []
+    assert {r["strategy"] for r in results["tolerance_rows"]} == set(report.TOLERANCE)
+    rows = {(r["strategy"], r["n_steps"], r["dtype"]): r for r in results["rows"]}
+    assert len(rows) == 3 * 2 + 1  # the n sweep, and symplectic in float64
+    for row in rows.values():
+        for field in ROW_FIELDS:
+            assert field in row
+        assert row["xla_temp_bytes"] > 0 and row["time_ms"] > 0
+        assert row["peak_bytes"] is None  # CPU
+    row = rows[("symplectic", 4, "float32")]
     assert row["grad_rel_error"] < 1e-5  # float32 against float64, same discretisation
     assert row["nfe_forward"] == 4 * 2  # Heun: 4 steps, 2 stages
     assert row["nfe_backward"] > 0
+    assert rows[("symplectic", 4, "float64")]["grad_rel_error"] < 1e-12
+    assert (tmp_path / "results.md").exists()
+
+
+def test_exponents_checks_and_output(tmp_path):
+    row = dict(
+        report.plan(TINY)[0],
+        strategy="symplectic",
+        xla_temp_bytes=1,
+        peak_bytes=None,
+        time_ms=1.0,
+        grad_rel_error=1e-7,
+        grad_rel_error_continuous=1e-6,
+        nfe_forward=8,
+        nfe_backward=12,
+    )
 
     # Output: exponents, checks, JSON-derived Markdown and plots from synthetic rows.
     rows = []
