@@ -44,6 +44,7 @@ still holds the estimated timings of those already prepared.
 
 import argparse
 import concurrent.futures
+import importlib.util
 import json
 import os
 import platform
@@ -1225,8 +1226,6 @@ def main(argv=None):
     import neuralode
 
     measurer = Measurer(sizes["repeats"], configs)
-    import importlib.util
-
     with_torch = bool(
         importlib.util.find_spec("torch") and importlib.util.find_spec("torchdiffeq")
     )
