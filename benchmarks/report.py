@@ -296,28 +296,26 @@ def loss_fn(
     throw=None,
     t1=T1,
 ):
-    """loss(params, y0) = ½·mean(y(1)²) of the configured solve. With `tol`, adaptive
-    steps (PID, rtol = atol = tol) from dt0 chosen by Diffrax; otherwise n constant
-    steps."""
+    """loss(params, y0, value) = ½·mean(y(1)²) of the configured solve. With `tol`,
+    adaptive steps (PID, rtol = atol = value) from dt0 chosen by Diffrax; otherwise
+    constant steps of dt0 = value (default t1/n), at most n of them. `counter`: an
+    `EvaluationCounter` that counts the evaluations of f."""
     import diffrax
     import equinox as eqx
     import jax.numpy as jnp
 
-    def loss(params, y0, tol_value=None):
+    def loss(params, y0, value=None):
         field = eqx.combine(params, static)
         if counter is not None:
             field = counter.wrap(field)
         if tol is None:
-            controller, dt0, steps = (
-                diffrax.ConstantStepSize(),
-                jnp.asarray(t1 / n, dtype),
-                n,
-            )
+            controller, steps = diffrax.ConstantStepSize(), n
+            dt0 = jnp.asarray(t1 / n, dtype) if value is None else value
             adjoint = make_adjoint(strategy, n)
         else:
-            controller = diffrax.PIDController(rtol=tol_value, atol=tol_value)
+            controller = diffrax.PIDController(rtol=value, atol=value)
             dt0, steps = None, max_steps
-            adjoint = make_adjoint(strategy, steps, tol=tol_value)
+            adjoint = make_adjoint(strategy, steps, tol=value)
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(field),
             make_solver(solver),
@@ -447,37 +445,20 @@ class Measurer:
         return self._once(("primal", solver, ns), lambda: self._count(c, ns, False))
 
     def _count(self, c, ns, gradient=True):
-        """({n: evaluations in the primal solve}, {n: evaluations in the gradient})."""
-        import diffrax
-        import equinox as eqx
+        """({n: evaluations in the primal solve}, {n: evaluations in the gradient}),
+        with max(ns) as `max_steps` and dt0 = 1/n an input."""
         import jax.numpy as jnp
 
         import neuralode
 
         jax = _jax()
-        small = dict(
-            c, n_steps=max(ns), depth=1, width=4, batch=2, state_dim=2, dtype="float32"
-        )
+        small = dict(c, depth=1, width=4, batch=2, state_dim=2, dtype="float32")
         params, static, y0 = jax_problem(small)
         dtype = "float32"
         counter = neuralode.EvaluationCounter()
-        max_steps = max(ns)
-        adjoint = make_adjoint(c["strategy"], max_steps)
-
-        def loss(params, y0, dt0):
-            sol = diffrax.diffeqsolve(
-                diffrax.ODETerm(counter.wrap(eqx.combine(params, static))),
-                make_solver(c["solver"]),
-                jnp.asarray(0.0, dtype),
-                jnp.asarray(T1, dtype),
-                dt0,
-                y0,
-                saveat=diffrax.SaveAt(t1=True),
-                adjoint=adjoint,
-                max_steps=max_steps,
-            )
-            return 0.5 * jnp.mean(sol.ys[-1] ** 2)
-
+        loss = loss_fn(
+            c["strategy"], c["solver"], max(ns), static, dtype, counter=counter
+        )
         fn = jax.jit(jax.grad(loss, argnums=(0, 1)) if gradient else loss)
         counts = {}
         for n in ns:
@@ -524,13 +505,6 @@ class Measurer:
         import neuralode
 
         return neuralode.median_time_ms(*prepared["timed"], repeats=self.repeats)
-
-    def row(self, c) -> dict:
-        """Every field of one row except `peak_bytes`: `prepare` then `time_ms`."""
-        prepared = self.prepare(c)
-        prepared["time_ms"] = self.time_ms(prepared)
-        del prepared["timed"], prepared["run_s"]
-        return prepared
 
     def tolerance_rows(self, sizes, strategy, dtype):
         """Gradient error against the converged solve, adaptive Tsit5, rtol = atol = tol,
@@ -774,9 +748,8 @@ def measure_peaks(configs, deadline, workers) -> tuple[dict, list]:
         result, error = _run_worker("peak", c, env, left)
         return c, result, error
 
-    unique = {config_key(c): c for c in configs}
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for c, result, error in pool.map(one, unique.values()):
+        for c, result, error in pool.map(one, configs):
             if result is not None:
                 peaks[config_key(c)] = result
             else:
