@@ -45,6 +45,7 @@ SEED = {
     "jax.jacfwd": ("O(m·d³)", "O(d)", "unstable"),
     "jax.grad": ("O(m·d²)", "O(m·d)", "stable"),
 }
+MATMUL_PRECISION = "highest"
 SIZES = {
     "quick": dict(
         ds=(32, 64, 128, 256),
@@ -141,6 +142,9 @@ def measure(sizes: dict) -> dict:
     import jax
 
     jax.config.update("jax_enable_x64", True)
+    # As in report.py: on NVIDIA GPUs JAX's default float32 matmul is TF32, whose rounding
+    # (about 1e-3) would be measured instead of the recursions' own float32 error.
+    jax.config.update("jax_default_matmul_precision", MATMUL_PRECISION)
     import jax.numpy as jnp
 
     import neuralode
@@ -311,8 +315,9 @@ def write(result: dict, out_dir: str, command: str) -> str:
         f"# Forward vs reverse mode, measured — {result['device']}",
         "",
         f"Command: `{command}`  ",
-        f"jax {result['jax']}, Python {result['python']}. Every figure below is read from "
-        "`modes.json`.",
+        f"jax {result['jax']}, Python {result['python']}; float32 matrix products at "
+        f"precision `{result.get('matmul_precision', 'default')}`. Every figure below is "
+        "read from `modes.json`.",
         "",
         "f = f_m ∘ … ∘ f_1, f_i(x) = tanh(W_i x + b_i), L = ½‖f(x)‖², gradient ∂L/∂x, float32. "
         "Exponents: least-squares slopes on log-log axes. Errors: median relative error "
@@ -396,6 +401,7 @@ def main(argv=None):
         ),
         jax=jax.__version__,
         python=platform.python_version(),
+        matmul_precision=MATMUL_PRECISION,
         sizes=sizes,
         command=" ".join(["python", "benchmarks/modes.py"] + list(argv)),
     )
