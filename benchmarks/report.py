@@ -474,7 +474,6 @@ class Measurer:
         gradient and its inputs are kept under `"timed"` for `time_ms`."""
         import neuralode
 
-        jax = _jax()
         params, static, y0 = jax_problem(c)
         g = grad_fn(
             loss_fn(c["strategy"], c["solver"], c["n_steps"], static, c["dtype"])
@@ -482,11 +481,8 @@ class Measurer:
         start = time.perf_counter()
         compiled = g.lower(params, y0).compile()
         compile_s = time.perf_counter() - start
-        grads = flat_grads(compiled(params, y0))
-        # A second run estimates the timing pass: the first carries one-time costs
-        # (loading, transfers) that made the budget skip work that would have fit.
         start = time.perf_counter()
-        jax.block_until_ready(compiled(params, y0))
+        grads = flat_grads(compiled(params, y0))
         run_s = time.perf_counter() - start
         nfe_forward, nfe_backward = self.nfe(c)
         return dict(
