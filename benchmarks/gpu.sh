@@ -7,7 +7,7 @@
 # the repository is put on PYTHONPATH, nothing is installed. Sized to finish in under
 # 8 minutes on one H100/H200: report.py stops starting new configurations at its time
 # budget and lists what it skipped. Device peaks are measured by report.py itself in
-# fresh processes, one per configuration, with XLA_PYTHON_CLIENT_PREALLOCATE=false and
+# fresh processes, one per configuration, each in a preallocated pool and with
 # XLA_FLAGS=--xla_gpu_autotune_level=0; timings run in the main process with autotuning
 # on. Without a GPU it warns and runs the --quick sizes instead.
 set -u -o pipefail

@@ -17,10 +17,9 @@ What each row measures:
 
 - `xla_temp_bytes`: XLA's static temporary-buffer figure of the compiled gradient.
 - `peak_bytes`: on a GPU, the device peak of the gradient minus the peak after the inputs
-    were placed, measured in a fresh process per configuration with
-    `XLA_PYTHON_CLIENT_PREALLOCATE=false` and `XLA_FLAGS=--xla_gpu_autotune_level=0` (with
-    autotuning on, the compiler's own peak hides the solve). `null` on CPU.
-    `peak_compile_bytes`: the same difference once compiled and loaded, before the run.
+    were placed, measured in a fresh process per configuration, in a preallocated pool
+    (see `measure_peaks`) with `XLA_FLAGS=--xla_gpu_autotune_level=0` (with autotuning
+    on, the compiler's own peak hides the solve). `null` on CPU.
 - `time_ms`: median of ≥5 runs after compilation, in this process (autotuning as the
     environment sets it), timed one configuration at a time after everything else ran.
 - `grad_rel_error`: against the float64 gradient of the same discretisation (full
@@ -558,9 +557,6 @@ def _network_key(c: dict) -> tuple:
 # Worker processes: device peak (one configuration per process) and torchdiffeq.
 
 
-PEAK_FIELDS = ("peak_bytes", "peak_compile_bytes")
-
-
 def peak_worker(c: dict) -> dict:
     """Run one configuration once in this fresh process and return its device peak
     minus the peak once the inputs were placed."""
@@ -571,15 +567,12 @@ def peak_worker(c: dict) -> dict:
     jax.block_until_ready((params, y0))
     baseline = neuralode.peak_memory_bytes()
     g = grad_fn(loss_fn(c["strategy"], c["solver"], c["n_steps"], static, c["dtype"]))
-    compiled = g.lower(params, y0).compile()
-    after_compile = neuralode.peak_memory_bytes()
-    jax.block_until_ready(compiled(params, y0))
+    jax.block_until_ready(g(params, y0))
     peak = neuralode.peak_memory_bytes()
     if peak is None:
         return dict(peak_bytes=None)
     return dict(
         peak_bytes=peak - baseline,
-        peak_compile_bytes=after_compile - baseline,
         backend=jax.default_backend(),
     )
 
@@ -734,11 +727,24 @@ def probe_backend() -> str:
     return proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else "unknown"
 
 
+def peak_pool_fraction(workers: int) -> float:
+    """Share of the device each peak process preallocates (60% for all of them)."""
+    return round(min(0.5, 0.6 / workers), 3)
+
+
 def measure_peaks(configs, deadline, workers) -> tuple[dict, list]:
     """Device peak of each configuration, one fresh process each, `workers` at a time
-    (each process's allocator counts only its own buffers)."""
+    (each process's allocator counts only its own buffers).
+
+    Each process preallocates its pool: XLA's BFC allocator counts whole chunks as in
+    use, and a chunk under twice the request is not split; growing on demand, its
+    regions double in size, so a buffer could count as its whole region, up to the
+    next power of two. Carved from one preallocated region, every chunk is split to the
+    request."""
     env = _env(
-        XLA_PYTHON_CLIENT_PREALLOCATE="false", XLA_FLAGS="--xla_gpu_autotune_level=0"
+        XLA_PYTHON_CLIENT_PREALLOCATE="true",
+        XLA_PYTHON_CLIENT_MEM_FRACTION=str(peak_pool_fraction(workers)),
+        XLA_FLAGS="--xla_gpu_autotune_level=0",
     )
     peaks, failures = {}, []
 
@@ -883,6 +889,19 @@ def fmt(x, spec):
     return format(x, spec) if not isinstance(x, str) else x
 
 
+def peak_pool_note(results: dict) -> str:
+    if results.get("backend") != "gpu":
+        return ""
+    if results.get("peak_pool"):
+        return f"; allocator pool {results['peak_pool']}"
+    # Older results, measured with the pool growing on demand (see `measure_peaks`).
+    return (
+        "; measured with the allocator growing on demand, so a buffer can count as the "
+        "whole region grown for it, up to the next power of two, and `states/step (peak)` "
+        "is not a per-step figure: read `xla` for growth"
+    )
+
+
 def write_markdown(results: dict, out_dir: str) -> str:
     rows = results["rows"]
     lines = [
@@ -905,9 +924,10 @@ def write_markdown(results: dict, out_dir: str) -> str:
         "Problem: dy/dt = MLP(y) (tanh), t ∈ [0, 1], constant steps 1/n, loss ½·mean(y(1)²), "
         "gradient w.r.t. the MLP's parameters and y0. Memory in MiB: `xla` = XLA's static "
         "temporary buffers of the compiled gradient; `peak` = device peak minus the peak "
-        "with the inputs placed, one process per configuration (GPU only). `err` = "
-        "relative error against float64 backprop of the same discretisation; `err∞` = "
-        "against a float64 Dopri8 solve at tol 1e-12.",
+        "with the inputs placed, one process per configuration (GPU only"
+        + peak_pool_note(results)
+        + "). `err` = relative error against float64 backprop of the same "
+        "discretisation; `err∞` = against a float64 Dopri8 solve at tol 1e-12.",
         "",
         "Strategies: "
         + "; ".join(
@@ -1250,8 +1270,10 @@ def main(argv=None):
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         futures = [pool.submit(run_task, *task) for task in tasks]
         peaks = {}
+        peak_pool = None
         if backend == "gpu":
             workers = args.peak_workers or max(1, min(8, cpus // 2))
+            peak_pool = f"preallocated, fraction {peak_pool_fraction(workers)}"
             peaks, failures = measure_peaks(unique, start + 0.5 * budget, workers)
             skipped += failures
         prepared, tolerance_rows = {}, []
@@ -1300,9 +1322,8 @@ def main(argv=None):
     for c in configs:
         key = config_key(c)
         if key in prepared:
-            # The peak once compiled too: it tells load-time buffers from run-time ones.
-            peak = {k: (peaks.get(key) or {}).get(k) for k in PEAK_FIELDS}
-            rows.append(dict(c, time_ms=None) | prepared[key] | peak)
+            peak = (peaks.get(key) or {}).get("peak_bytes")
+            rows.append(dict(c, time_ms=None, peak_bytes=peak) | prepared[key])
     for r in torch_rows:
         ref = measurer.continuous_reference(r)
         r["grad_rel_error_continuous"] = neuralode.relative_error(
@@ -1330,6 +1351,7 @@ def main(argv=None):
         command=command_line(argv),
         mode=mode,
         matmul_precision=MATMUL_PRECISION,
+        peak_pool=peak_pool,
         threads=threads,
         sizes=sizes,
         rows=rows,

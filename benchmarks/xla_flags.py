@@ -65,7 +65,9 @@ def main(argv=None):
     def one(job):
         setting, strategy = job
         c = config(strategy, args.width, args.n_steps)
-        env = report._env(XLA_FLAGS=SETTINGS[setting])
+        env = report._env(
+            XLA_FLAGS=SETTINGS[setting], XLA_PYTHON_CLIENT_PREALLOCATE="false"
+        )
         result, error = report._run_worker("error", c, env, 300, script=__file__)
         return dict(c, setting=setting, xla_flags=SETTINGS[setting], error=error) | (
             result or {}

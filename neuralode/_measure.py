@@ -22,7 +22,10 @@ def xla_temp_bytes(fn: Callable, *args, **kwargs) -> int:
 def peak_memory_bytes(device: jax.Device | None = None) -> int | None:
     """The device's peak bytes in use so far in this process, or `None` where the backend
     does not report it (CPU). The peak never goes down: measure one configuration per
-    process, with `XLA_PYTHON_CLIENT_PREALLOCATE=false`."""
+    process. It counts the allocator's chunks, so keep the pool preallocated (JAX's
+    default; `XLA_PYTHON_CLIENT_MEM_FRACTION` sizes it): grown on demand
+    (`XLA_PYTHON_CLIENT_PREALLOCATE=false`), a buffer can count as the whole region
+    grown for it, up to the next power of two."""
     device = jax.devices()[0] if device is None else device
     stats = device.memory_stats()
     if not stats or "peak_bytes_in_use" not in stats:
