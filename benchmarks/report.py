@@ -705,7 +705,9 @@ def _run_worker(kind: str, payload: dict, env: dict, timeout: float, script=__fi
         return None, "timeout"
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        return None, (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        # The exception's own line, not JAX's note on filtered traceback frames.
+        err = proc.stderr.strip().splitlines() or ["no output"]
+        return None, next((x for x in err[::-1] if "Error" in x), err[-1])[:300]
     return json.loads(lines[-1][len("RESULT ") :]), None
 
 
