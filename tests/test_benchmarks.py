@@ -149,6 +149,11 @@ def test_exponents_checks_and_output(tmp_path):
     )
     text = report.write_markdown(results, str(tmp_path))
     assert "python benchmarks/report.py --test" in text
+    # GPU peaks say how the allocator pool was set up (older results: rounded peaks).
+    gpu = dict(results, backend="gpu")
+    assert "power of two" in report.write_markdown(gpu, str(tmp_path))
+    gpu["peak_pool"] = "preallocated, fraction 0.075"
+    assert "fraction 0.075" in report.write_markdown(gpu, str(tmp_path))
     report.plot(results, str(tmp_path))
     for name in ("results.md", "memory_vs_n.png", "time_vs_n.png", "error_vs_tol.png"):
         assert (tmp_path / name).exists()
