@@ -338,6 +338,13 @@ def grad_fn(loss):
     return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
+def config_gradient(c: dict):
+    """(jitted gradient, params, y0) of configuration `c`'s loss."""
+    params, static, y0 = jax_problem(c)
+    loss = loss_fn(c["strategy"], c["solver"], c["n_steps"], static, c["dtype"])
+    return grad_fn(loss), params, y0
+
+
 def flat_grads(grads) -> list[np.ndarray]:
     """Gradient leaves as float64 NumPy arrays in the order [W1, b1, ..., y0]."""
     jax = _jax()
@@ -375,9 +382,8 @@ class Measurer:
         """float64 full backprop of the same discretisation."""
 
         def make():
-            params, static, y0 = jax_problem(c, "float64")
-            g = grad_fn(
-                loss_fn("backprop", c["solver"], c["n_steps"], static, "float64")
+            g, params, y0 = config_gradient(
+                dict(c, strategy="backprop", dtype="float64")
             )
             return flat_grads(g(params, y0))
 
@@ -402,9 +408,7 @@ class Measurer:
                 throw=True,
                 t1=t1,
             )
-            jax = _jax()
-            g = jax.jit(jax.grad(loss, argnums=(0, 1)))
-            return flat_grads(g(params, y0, jnp.asarray(1e-12)))
+            return flat_grads(grad_fn(loss)(params, y0, jnp.asarray(1e-12)))
 
         return self._once(("continuous", t1) + _network_key(c), make)
 
@@ -458,7 +462,7 @@ class Measurer:
         loss = loss_fn(
             c["strategy"], c["solver"], max(ns), static, dtype, counter=counter
         )
-        fn = jax.jit(jax.grad(loss, argnums=(0, 1)) if gradient else loss)
+        fn = grad_fn(loss) if gradient else jax.jit(loss)
         counts = {}
         for n in ns:
             counter.reset()
@@ -473,10 +477,7 @@ class Measurer:
         gradient and its inputs are kept under `"timed"` for `time_ms`."""
         import neuralode
 
-        params, static, y0 = jax_problem(c)
-        g = grad_fn(
-            loss_fn(c["strategy"], c["solver"], c["n_steps"], static, c["dtype"])
-        )
+        g, params, y0 = config_gradient(c)
         start = time.perf_counter()
         compiled = g.lower(params, y0).compile()
         compile_s = time.perf_counter() - start
@@ -512,7 +513,6 @@ class Measurer:
 
         import neuralode
 
-        jax = _jax()
         c = dict(plan(sizes)[0], strategy=strategy, dtype=dtype)
         params, static, y0 = jax_problem(c)
         loss = loss_fn(
@@ -525,7 +525,7 @@ class Measurer:
             max_steps=4096,
             t1=T1_TOLERANCE,
         )
-        g = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        g = grad_fn(loss)
         ref = self.continuous_reference(c, T1_TOLERANCE)
         rows = []
         for tol in sizes["tols"]:
@@ -563,18 +563,12 @@ def peak_worker(c: dict) -> dict:
     import neuralode
 
     jax = _jax()
-    params, static, y0 = jax_problem(c)
+    g, params, y0 = config_gradient(c)
     jax.block_until_ready((params, y0))
     baseline = neuralode.peak_memory_bytes()
-    g = grad_fn(loss_fn(c["strategy"], c["solver"], c["n_steps"], static, c["dtype"]))
     jax.block_until_ready(g(params, y0))
     peak = neuralode.peak_memory_bytes()
-    if peak is None:
-        return dict(peak_bytes=None)
-    return dict(
-        peak_bytes=peak - baseline,
-        backend=jax.default_backend(),
-    )
+    return dict(peak_bytes=None if peak is None else peak - baseline)
 
 
 def torch_worker(configs: list[dict], repeats: int, deadline: float) -> list[dict]:
