@@ -1191,8 +1191,8 @@ def main(argv=None):
 
     start = time.perf_counter()
     mode = "quick" if args.quick else "full"
-    sizes = SIZES[mode]
-    budget = args.budget_s or sizes["budget_s"]
+    budget = args.budget_s or SIZES[mode]["budget_s"]
+    sizes = dict(SIZES[mode], budget_s=budget)  # results.json records the budget used
     deadline = start + budget
     configs = plan(sizes)
     first = {}
