@@ -81,8 +81,20 @@ def test_every_explicit_solver(solver, getkey):
         (CONSTANT, diffrax.SaveAt(ts=SAVE_TS)),
         (PID, diffrax.SaveAt(t1=True)),
         (PID, diffrax.SaveAt(t0=True, t1=True)),
+        # What the refusal of jump_ts points to: steps that end exactly at given times.
+        (
+            diffrax.ClipStepSizeController(PID, step_ts=SAVE_TS[1:-1]),
+            diffrax.SaveAt(ts=SAVE_TS),
+        ),
     ],
-    ids=["constant-t1", "constant-t0-t1", "constant-ts", "pid-t1", "pid-t0-t1"],
+    ids=[
+        "constant-t1",
+        "constant-t0-t1",
+        "constant-ts",
+        "pid-t1",
+        "pid-t0-t1",
+        "pid-step-ts",
+    ],
 )
 def test_saveat_and_controllers(saveat, controller, getkey):
     # Dopri5 has b_2 = 0 and an FSAL stage: both special cases of the stage pullback.

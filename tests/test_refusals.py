@@ -48,6 +48,14 @@ def _unsafe_sde_terms():
     )
 
 
+class NormalisedHeun(diffrax.Heun):
+    """Heun's tableau, but a step that is no longer the plain RK step."""
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        y1, *rest = super().step(terms, t0, t1, y0, args, solver_state, made_jump)
+        return (y1 / jnp.linalg.norm(y1), *rest)
+
+
 REFUSED = {
     "implicit-solver": dict(solver=diffrax.Kvaerno5(), stepsize_controller=PID),
     "half-solver": dict(
@@ -64,6 +72,18 @@ REFUSED = {
     ),
     "max-steps-none": dict(max_steps=None),
     "unsafe-brownian": dict(solver=diffrax.Heun(), terms=_unsafe_sde_terms()),
+    "overridden-step": dict(solver=NormalisedHeun()),
+    "solver-state": dict(saveat=diffrax.SaveAt(t1=True, solver_state=True)),
+    "controller-state": dict(saveat=diffrax.SaveAt(t1=True, controller_state=True)),
+    # A step ending just before a jump is recorded as ending just after it.
+    "jump-ts": dict(
+        stepsize_controller=diffrax.ClipStepSizeController(PID, jump_ts=[0.5])
+    ),
+    "jump-ts-nested": dict(
+        stepsize_controller=diffrax.ClipStepSizeController(
+            diffrax.ClipStepSizeController(PID, jump_ts=[0.5]), step_ts=[0.25]
+        )
+    ),
 }
 
 

@@ -60,9 +60,12 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         "can't apply forward-mode autodiff (jvp) to a custom_vjp function", and
         differentiating the gradient again raises too. Use `diffrax.ForwardMode()` or
         `diffrax.DirectAdjoint()` (or `neuralode.BackpropAdjoint()`) for forward mode.
-        Events, implicit solvers, `SaveAt(dense=True)`, `SaveAt(steps=...)`,
-        `SaveAt(fn=...)`, `SaveAt(subs=...)`, a passed `solver_state` and
-        `max_steps=None` are refused with an error that names an alternative.
+        Events, implicit solvers, solvers that override Diffrax's RK step,
+        `SaveAt(dense=True)`, `SaveAt(steps=...)`, `SaveAt(fn=...)`,
+        `SaveAt(subs=...)`, `SaveAt(solver_state=True)`,
+        `SaveAt(controller_state=True)`, a passed `solver_state`, `jump_ts` in the
+        step size controller (`step_ts` is supported) and `max_steps=None` are
+        refused with an error that names an alternative.
         Gradients with respect to `t0`, `t1`, `dt0` or `SaveAt(ts=...)` are not
         computed: Equinox raises "Unexpected tangent" (use
         `diffrax.RecursiveCheckpointAdjoint()` for those). Arrays the vector field
@@ -110,7 +113,15 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         **kwargs,
     ):
         del throw
-        _check_supported(terms, solver, event, saveat, max_steps, passed_solver_state)
+        _check_supported(
+            terms,
+            solver,
+            kwargs["stepsize_controller"],
+            event,
+            saveat,
+            max_steps,
+            passed_solver_state,
+        )
         y0 = init_state.y
         terms = closure_convert_terms(terms, init_state.tprev, y0, args)
         init_state = eqx.tree_at(lambda s: s.y, init_state, object())
@@ -135,7 +146,9 @@ def _refuse(what: str, instead: str) -> NotImplementedError:
     )
 
 
-def _check_supported(terms, solver, event, saveat, max_steps, passed_solver_state):
+def _check_supported(
+    terms, solver, stepsize_controller, event, saveat, max_steps, passed_solver_state
+):
     """Refuse, at trace time, everything this adjoint would not differentiate exactly."""
     rca = "`adjoint=diffrax.RecursiveCheckpointAdjoint()`"
     if event is not None:
@@ -150,14 +163,19 @@ def _check_supported(terms, solver, event, saveat, max_steps, passed_solver_stat
         raise _refuse(
             f"the solver {type(solver).__name__}: only explicit Runge--Kutta solvers "
             "(Euler, Heun, Midpoint, Ralston, Bosh3, Tsit5, Dopri5, Dopri8, or a "
-            "diffrax.AbstractERK subclass with a ButcherTableau) take the steps it "
-            "pulls back",
+            "diffrax.AbstractERK subclass with a ButcherTableau that keeps Diffrax's "
+            "own `init`, `func` and `step`) take the steps it pulls back",
             rca,
         )
     if jtu.tree_structure(saveat.subs, is_leaf=_is_subsaveat) != jtu.tree_structure(0):
         raise _refuse("`SaveAt(subs=...)`", rca)
     if saveat.dense:
         raise _refuse("`SaveAt(dense=True)`", rca)
+    if saveat.solver_state or saveat.controller_state:
+        # Their cotangents would be dropped, not pulled back.
+        raise _refuse(
+            "`SaveAt(solver_state=True)` or `SaveAt(controller_state=True)`", rca
+        )
     if saveat.subs.steps:
         raise _refuse(
             "`SaveAt(steps=...)`", f"`SaveAt(ts=...)` at the times you need, or {rca}"
@@ -170,6 +188,23 @@ def _check_supported(terms, solver, event, saveat, max_steps, passed_solver_stat
         raise _refuse(
             "a passed `solver_state` (it recomputes each step from its start)", rca
         )
+    if _has_jump_ts(stepsize_controller):
+        # A step that ends just before a jump is recorded as ending just after it
+        # (where the next step starts), so its recomputation would cross the jump.
+        raise _refuse(
+            "`jump_ts` in the step size controller",
+            "`diffrax.ClipStepSizeController(..., step_ts=...)` at the same times "
+            "(steps end exactly there; exact when the field is defined at them), "
+            f"one solve per interval between jumps, or {rca}",
+        )
+
+
+def _has_jump_ts(controller) -> bool:
+    while isinstance(controller, diffrax.ClipStepSizeController):
+        if controller.jump_ts is not None:
+            return True
+        controller = controller.controller
+    return False
 
 
 def _is_subsaveat(x) -> bool:

@@ -48,12 +48,18 @@ def explicit_tableau(solver: diffrax.AbstractSolver) -> ExplicitTableau | None:
     """The tableau of an explicit RK solver, or `None` if `solver` is not one.
 
     The concrete type is checked: wrappers such as `diffrax.HalfSolver` pass an
-    `isinstance(..., AbstractERK)` check but do not take plain RK steps.
+    `isinstance(..., AbstractERK)` check but do not take plain RK steps, and neither
+    does a subclass that overrides how a step is taken.
     """
     solver_type = type(solver)
     if solver_type is diffrax.Euler:
         return ExplicitTableau(np.zeros((1, 1)), np.ones(1), np.zeros(1))
     if not issubclass(solver_type, diffrax.AbstractERK):
+        return None
+    if any(
+        getattr(solver_type, name) is not getattr(diffrax.AbstractRungeKutta, name)
+        for name in ("init", "func", "step")
+    ):
         return None
     tableau = getattr(solver_type, "tableau", None)
     if not isinstance(tableau, diffrax.ButcherTableau) or tableau.implicit:
