@@ -186,7 +186,11 @@ def main(argv: list[str] | None = None) -> dict:
             niters=args.niters,
             key=fit_key,
             out_dir=args.out,
-            config={"example": "cnf", **neuralode.run_config(args)},
+            config={
+                "example": "cnf",
+                **neuralode.run_config(args, ignore=("grid", "num_test")),
+            },
+            may_change=neuralode.RESUME_MAY_CHANGE,
             metadata={
                 "adjoint": args.adjoint,
                 "solver": args.solver,
@@ -195,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
             },
             checkpoint_every=args.checkpoint_every,
             resume=args.resume,
+            overwrite=args.overwrite,
             progress=not args.no_progress,
             desc=f"cnf/{args.adjoint}",
         )

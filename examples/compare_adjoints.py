@@ -44,6 +44,13 @@ def main(argv: list[str] | None = None) -> str:
         "spiral_args", nargs="*", help="options passed to examples/spiral.py (after --)"
     )
     args = parser.parse_args(argv)
+    owned = ("--adjoint", "--niters", "--out", "--resume", "--overwrite")
+    clash = [a for a in args.spiral_args if a.split("=")[0] in owned]
+    if clash:
+        parser.error(
+            f"{', '.join(clash)}: set by this script for each run (use its own "
+            "--niters, --out and --adjoints); pass other spiral.py options after --"
+        )
 
     rows = []
     for adjoint in args.adjoints:
@@ -57,6 +64,7 @@ def main(argv: list[str] | None = None) -> str:
                 "--out",
                 os.path.join(args.out, adjoint),
                 "--no-progress",
+                "--overwrite",  # each comparison is a fresh run
             ]
         )
         # The first iteration is excluded: it includes one-off dispatch costs.

@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
             key=fit_key,
             out_dir=args.out,
             config={"example": "physics", **neuralode.run_config(args)},
+            may_change=neuralode.RESUME_MAY_CHANGE,
             metadata={
                 "adjoint": args.adjoint,
                 "solver": args.solver,
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
             },
             checkpoint_every=args.checkpoint_every,
             resume=args.resume,
+            overwrite=args.overwrite,
             progress=not args.no_progress,
             desc=f"physics/{args.adjoint}",
         )

@@ -112,9 +112,11 @@ def main(argv: list[str] | None = None) -> dict:
             key=data_key,
             out_dir=args.out,
             config={"example": "spiral", **neuralode.run_config(args)},
+            may_change=neuralode.RESUME_MAY_CHANGE,
             metadata={"adjoint": args.adjoint, "solver": args.solver},
             checkpoint_every=args.checkpoint_every,
             resume=args.resume,
+            overwrite=args.overwrite,
             progress=not args.no_progress,
             desc=f"spiral/{args.adjoint}",
         )

@@ -2,6 +2,9 @@
 
 from . import data as data
 from ._cli import (
+    RESUME_MAY_CHANGE as RESUME_MAY_CHANGE,
+)
+from ._cli import (
     SOLVERS as SOLVERS,
 )
 from ._cli import (
@@ -59,6 +62,9 @@ from ._train import (
 )
 from ._train import (
     TrainingDiverged as TrainingDiverged,
+)
+from ._train import (
+    TrainingStopped as TrainingStopped,
 )
 from ._train import (
     TrainResult as TrainResult,

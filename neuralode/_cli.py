@@ -3,11 +3,13 @@ its step control, and the training loop's settings, with clear errors for bad va
 
 import argparse
 import contextlib
+import signal
 import sys
+import threading
 
 import diffrax
 
-from ._train import CheckpointError, TrainingDiverged
+from ._train import CheckpointError, TrainingStopped, check_output_dir
 from .adjoints import ADJOINT_NAMES, get_adjoint
 
 SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
@@ -21,9 +23,28 @@ SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
     "dopri8": diffrax.Dopri8,
 }
 
-# Flags that change neither the model nor the data nor the optimisation, so a run may be
-# resumed with other values of them.
-_NOT_CONFIG = ("niters", "out", "resume", "checkpoint_every", "no_progress")
+# Flags of the run itself, not of what it trains: not part of the configuration.
+_NOT_CONFIG = (
+    "niters",
+    "out",
+    "resume",
+    "overwrite",
+    "checkpoint_every",
+    "no_progress",
+)
+
+# Flags that steer the optimisation but not what is learnt (model, data, seed): a run may
+# be resumed with other values of them, e.g. a smaller --lr after a divergence.
+RESUME_MAY_CHANGE = (
+    "adjoint",
+    "solver",
+    "steps",
+    "rtol",
+    "atol",
+    "max_steps",
+    "lr",
+    "batch_size",
+)
 
 
 def positive_int(text: str) -> int:
@@ -72,8 +93,9 @@ def add_training_arguments(
     `--adjoint` (choices `neuralode.ADJOINT_NAMES`), `--solver` (choices
     `neuralode.SOLVERS`), `--steps N` (constant steps: N per solve) or `--rtol`/`--atol`
     (adaptive steps, `--max-steps` bounding them), `--niters`, `--batch-size`, `--lr`,
-    `--seed`, `--out`, `--resume`, `--checkpoint-every`, `--no-progress`. Parse with
-    `neuralode.parse_training_args`, which checks the combinations.
+    `--seed`, `--out`, `--resume`, `--overwrite`, `--checkpoint-every`,
+    `--no-progress`. Parse with `neuralode.parse_training_args`, which checks the
+    combinations and the output directory.
     """
     g = parser.add_argument_group("training")
     g.add_argument(
@@ -111,7 +133,7 @@ def add_training_arguments(
     g.add_argument(
         "--max-steps",
         type=positive_int,
-        default=max_steps,
+        default=None,
         help=f"bound on adaptive steps per solve (default: {max_steps}); "
         "the memory of backprop and symplectic grows with it",
     )
@@ -138,7 +160,14 @@ def add_training_arguments(
     g.add_argument(
         "--resume",
         action="store_true",
-        help="continue from OUT/checkpoint.eqx (same options needed)",
+        help="continue from OUT/checkpoint.eqx: the same model and data options; "
+        f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} "
+        "may change",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh even though OUT holds a checkpoint (which is replaced)",
     )
     g.add_argument(
         "--checkpoint-every",
@@ -147,16 +176,17 @@ def add_training_arguments(
         help=f"checkpoint every N iterations (default: {checkpoint_every})",
     )
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.set_defaults(_default_steps=steps)
+    parser.set_defaults(_default_steps=steps, _default_max_steps=max_steps)
     return parser
 
 
 def parse_training_args(
     parser: argparse.ArgumentParser, argv: list[str] | None = None
 ) -> argparse.Namespace:
-    """Parse `argv` and check the combinations `add_training_arguments` allows:
-    `--steps`
-    excludes `--rtol`/`--atol`. Fills in the defaults of the step control."""
+    """Parse `argv` and check the combinations `add_training_arguments` allows
+    (`--steps` excludes `--rtol`/`--atol`/`--max-steps`), and the output directory
+    (`neuralode.check_output_dir`), so that a mistake is reported before any data is
+    made or anything compiled. Fills in the defaults of the step control."""
     args = parser.parse_args(argv)
     adaptive = args.rtol is not None or args.atol is not None
     if args.steps is not None and adaptive:
@@ -169,12 +199,25 @@ def parse_training_args(
             "--solver euler has no error estimate, so it cannot take adaptive "
             "steps (--rtol/--atol); use --steps or another solver"
         )
+    if not adaptive and args.max_steps is not None:
+        parser.error(
+            "--max-steps bounds adaptive steps (--rtol/--atol); constant steps take "
+            "exactly --steps per solve"
+        )
     if adaptive:
         args.rtol = args.atol if args.rtol is None else args.rtol
         args.atol = args.rtol if args.atol is None else args.atol
+        if args.max_steps is None:
+            args.max_steps = args._default_max_steps
     elif args.steps is None:
         args.steps = args._default_steps
-    del args._default_steps
+    del args._default_steps, args._default_max_steps
+    if args.resume and args.overwrite:
+        parser.error("--resume continues OUT's checkpoint and --overwrite replaces it")
+    try:
+        check_output_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+    except CheckpointError as e:
+        parser.error(str(e))
     return args
 
 
@@ -206,18 +249,45 @@ def adjoint_from_args(args: argparse.Namespace) -> diffrax.AbstractAdjoint:
     return get_adjoint(args.adjoint)
 
 
-def run_config(args: argparse.Namespace) -> dict:
-    """The options that must match for `--resume`: all but `--niters`, `--out`,
-    `--resume`, `--checkpoint-every` and `--no-progress`."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_CONFIG}
+def run_config(args: argparse.Namespace, ignore: tuple[str, ...] = ()) -> dict:
+    """The options that define a run, stored in its checkpoint and compared on
+    `--resume`: all but `--niters`, `--out`, `--resume`, `--overwrite`,
+    `--checkpoint-every`, `--no-progress` and the example's own `ignore` (options that
+    only change what is evaluated or plotted). Of these, `neuralode.RESUME_MAY_CHANGE`
+    may differ on resume."""
+    skip = _NOT_CONFIG + ignore
+    return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
 
 
 @contextlib.contextmanager
 def exit_on_training_error():
-    """Turn `neuralode.CheckpointError` and `neuralode.TrainingDiverged` into a one-line
-    message on stderr and `SystemExit(1)`, as a command-line script should."""
+    """As a command-line script should: a `neuralode.CheckpointError` or
+    `neuralode.TrainingStopped` (divergence included) becomes a one-line message on
+    stderr and exit status 1; Ctrl-C or SIGTERM, after `neuralode.fit` has checkpointed
+    the last good state, a one-line message and exit status 130."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:  # signal handlers can only be set from the main thread
+
+        def terminate(signum, frame):
+            raise KeyboardInterrupt("terminated")
+
+        previous = signal.signal(signal.SIGTERM, terminate)
     try:
         yield
-    except (CheckpointError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (CheckpointError, TrainingStopped) as e:
+        hint = (
+            " (raise --max-steps, or loosen --rtol/--atol)"
+            if "max_steps" in str(e)
+            else ""
+        )
+        print(f"error: {e}{hint}", file=sys.stderr)
         raise SystemExit(1) from e
+    except KeyboardInterrupt as e:
+        print(
+            f"stopped: {str(e) or 'interrupted before training started.'}",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from e
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)

@@ -4,6 +4,8 @@ atomic checkpoints that a run can resume from exactly, and a stop on a non-finit
 Everything random in a step (the minibatch, Hutchinson noise) is drawn inside the jitted
 step from a key that the step splits and returns. The key is part of the checkpoint, so
 a resumed run draws the same batches as an uninterrupted one and gives the same losses.
+However training stops (divergence, a failing solve, Ctrl-C or SIGTERM), the last good
+state is checkpointed first, so that nothing trained is lost.
 """
 
 import io
@@ -11,7 +13,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
 import diffrax
@@ -29,10 +31,16 @@ _MAGIC = b"NEURALODE-CHECKPOINT 1\n"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, or belongs to a different configuration."""
+    """A checkpoint is missing, corrupt, belongs to a different configuration, would be
+    overwritten, or cannot be written."""
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingStopped(RuntimeError):
+    """Training stopped before `niters`: a step failed at run time (for example a solve
+    reached `max_steps`). The last good state is checkpointed."""
+
+
+class TrainingDiverged(TrainingStopped):
     """The loss (or the updated parameters) became NaN or infinite."""
 
 
@@ -88,9 +96,11 @@ def fit(
     key: PRNGKeyArray,
     out_dir: str | os.PathLike,
     config: dict | None = None,
+    may_change: Collection[str] = (),
     metadata: dict | None = None,
     checkpoint_every: int = 100,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     desc: str = "train",
 ) -> TrainResult:
@@ -110,18 +120,24 @@ def fit(
     - `model`: the initial model, an Equinox module (for example a
         `neuralode.NeuralODE`).
         On resume it is the template the checkpoint is loaded into.
-    - `optimiser`: an `optax.GradientTransformation`.
+    - `optimiser`: an `optax.GradientTransformation`. On resume, its state must have
+        the same structure (a changed learning rate is fine).
     - `sample_batch`: `sample_batch(key) -> batch`, traceable by JAX.
     - `niters`: the total number of iterations, counting those of a resumed run.
     - `key`: a `jax.random.PRNGKey`; the first batch is drawn from it. Ignored on resume
         (the checkpoint's key is used).
     - `out_dir`: the directory for `metrics.json` and `checkpoint.eqx` (created).
-    - `config`: a JSON-serialisable dict of everything that must be the same for a run
-        to be resumed (model sizes, data, solver, learning rate, ...). It is stored in
-        the checkpoint and compared on resume.
+    - `config`: a JSON-serialisable dict of what defines the run (model sizes, data,
+        solver, learning rate, ...). It is stored in the checkpoint and compared on
+        resume.
+    - `may_change`: keys of `config` that a resumed run may change (for example the
+        learning rate or the gradient strategy); the changes are printed. Any other
+        difference refuses the resume.
     - `metadata`: extra JSON-serialisable entries for `metrics.json` (e.g. `adjoint`).
     - `checkpoint_every`: write a checkpoint every this many iterations, and at the end.
     - `resume`: continue from `out_dir/checkpoint.eqx`.
+    - `overwrite`: start afresh even though `out_dir` holds a checkpoint (without it,
+        and without `resume`, such a checkpoint is refused rather than replaced).
     - `progress`: show the progress bar.
     - `desc`: the progress bar's label.
 
@@ -133,11 +149,20 @@ def fit(
 
     **Raises:**
 
-    - `neuralode.CheckpointError` on resume if the checkpoint is missing, corrupt or was
-        written with a different `config`; nothing is written then.
-    - `neuralode.TrainingDiverged` if the loss or the updated parameters are not finite.
-        Training stops there; `metrics.json` records the iterations before it, and the
-        checkpoint on disk is the last one with finite parameters.
+    Before anything is computed:
+
+    - `neuralode.CheckpointError` if `out_dir` cannot be written; on resume if the
+        checkpoint is missing, corrupt or was written with a different `config`;
+        without `resume` or `overwrite` if `out_dir` already holds a checkpoint.
+        Nothing is written then.
+
+    When training stops early, after checkpointing the last good state (its iteration
+    is `metrics["iterations"]`; `metrics["stopped"]` says why):
+
+    - `neuralode.TrainingDiverged` if the loss or the updated parameters are not finite;
+    - `neuralode.TrainingStopped` if a step fails at run time (for example a
+        `diffrax.diffeqsolve` that reaches `max_steps`);
+    - `KeyboardInterrupt` on Ctrl-C (or a signal handler that raises it).
     """
     if not (isinstance(niters, int) and niters >= 1):
         raise ValueError(f"fit: `niters` must be a positive int, got {niters!r}.")
@@ -147,6 +172,7 @@ def fit(
         )
     config = _jsonable(config or {})
     metadata = _jsonable(metadata or {})
+    check_output_dir(out_dir, resume=resume, overwrite=overwrite)
     os.makedirs(out_dir, exist_ok=True)
     checkpoint_path = os.path.join(out_dir, CHECKPOINT_NAME)
     metrics_path = os.path.join(out_dir, METRICS_NAME)
@@ -157,8 +183,16 @@ def fit(
     start = 0
     if resume:
         (params, opt_state, key), start, history = load_checkpoint(
-            checkpoint_path, (params, opt_state, key), config
+            checkpoint_path, (params, opt_state, key), config, may_change
         )
+        saved_config = _read_checkpoint(checkpoint_path)[0].get("config") or {}
+        changed = [
+            f"{k} {saved_config.get(k)!r} -> {config.get(k)!r}"
+            for k in sorted(may_change)
+            if saved_config.get(k) != config.get(k)
+        ]
+        if changed:
+            print(f"{desc}: resuming at iteration {start} with {', '.join(changed)}.")
 
     def step(params, opt_state, key):
         key, batch_key = jax.random.split(key)
@@ -194,50 +228,118 @@ def fit(
             **extra,
         }
 
-    def checkpoint(iteration):
-        save_checkpoint(
-            checkpoint_path, (params, opt_state, key), iteration, config, history
-        )
-
-    bar = tqdm(
-        range(start, niters),
-        initial=start,
-        total=niters,
-        desc=desc,
-        disable=not progress,
-    )
-    for iteration in bar:
-        tic = time.perf_counter()
-        new = compiled(params, opt_state, key)
-        loss, nfe, finite = float(new[3]), int(new[4]), bool(new[5])
-        seconds = time.perf_counter() - tic
-        if not finite:
-            bar.close()
-            message = (
-                f"non-finite loss or parameters at iteration {iteration} "
-                f"(loss {loss}); "
-                f"training stopped. The last good checkpoint, if any, is kept in "
-                f"{checkpoint_path}. Try a smaller --lr or smaller/adaptive steps."
+    # The trained state and its iteration, replaced in one assignment, so that an
+    # interrupt anywhere in the loop leaves a consistent pair to checkpoint.
+    current = ((params, opt_state, key), start)
+    saved = start  # the iteration of the checkpoint on disk
+    bar = tqdm(total=niters, initial=start, desc=desc, disable=not progress)
+    try:
+        while current[1] < niters:
+            state, done = current
+            tic = time.perf_counter()
+            try:
+                new = compiled(*state)
+                loss, nfe, finite = float(new[3]), int(new[4]), bool(new[5])
+            except jax.errors.JaxRuntimeError as e:
+                raise TrainingStopped(
+                    f"iteration {done + 1} failed: {_runtime_message(e)}"
+                ) from None
+            seconds = time.perf_counter() - tic
+            if not finite:
+                raise TrainingDiverged(
+                    f"non-finite loss or parameters at iteration {done + 1} "
+                    f"(loss {loss}). Try a smaller --lr or smaller/adaptive steps."
+                )
+            for name, value in (("loss", loss), ("time_s", seconds), ("nfe", nfe)):
+                history[name].append(value)
+            current = (new[:3], done + 1)
+            bar.set_postfix(
+                loss=f"{loss:.4g}", nfe=nfe, s_it=f"{seconds:.3g}", refresh=False
             )
-            save_metrics(metrics_path, metrics(stopped=message))
-            raise TrainingDiverged(message)
-        params, opt_state, key = new[:3]
-        history["loss"].append(loss)
-        history["time_s"].append(seconds)
-        history["nfe"].append(nfe)
-        bar.set_postfix(
-            loss=f"{loss:.4g}", nfe=nfe, s_it=f"{seconds:.3g}", refresh=False
+            bar.update(1)
+            if (done + 1) % checkpoint_every == 0 or done + 1 == niters:
+                save_checkpoint(checkpoint_path, *current, config, history)
+                saved = done + 1
+                save_metrics(metrics_path, metrics())
+    except (TrainingStopped, KeyboardInterrupt) as e:
+        bar.close()
+        state, done = current
+        for values in history.values():
+            del values[done:]  # an interrupt may have come between the appends
+        if done > saved:
+            save_checkpoint(checkpoint_path, state, done, config, history)
+        kept = (
+            f"{checkpoint_path} holds the {done} iterations before it: continue "
+            f"from there with --resume (`resume=True`)."
+            if done
+            else "Nothing was trained, so nothing was checkpointed."
         )
-        done = iteration + 1
-        if done % checkpoint_every == 0 or done == niters:
-            checkpoint(done)
-            save_metrics(metrics_path, metrics())
+        if isinstance(e, KeyboardInterrupt):
+            message = f"interrupted after iteration {done}. {kept}"
+        else:
+            message = f"{e} Training stopped. {kept}"
+        save_metrics(metrics_path, metrics(stopped=message))
+        raise type(e)(message) from None
     bar.close()
+    (params, opt_state, key), _ = current
     if start >= niters and progress:
         print(f"{desc}: checkpoint is already at iteration {start} >= niters={niters}.")
     result = metrics()
     save_metrics(metrics_path, result)
     return TrainResult(eqx.combine(params, static), result)
+
+
+def check_output_dir(
+    out_dir: str | os.PathLike, *, resume: bool, overwrite: bool = False
+) -> None:
+    """What `neuralode.fit` checks before it computes anything: `out_dir` is, or can be
+    created as, a writable directory; with `resume` it holds a checkpoint; without
+    `resume` or `overwrite` it holds none, so that a run started afresh by mistake
+    cannot replace a further-along one.
+
+    **Raises:**
+
+    `neuralode.CheckpointError`, saying which and what to do instead.
+    """
+    path = os.path.join(out_dir, CHECKPOINT_NAME)
+    if resume:
+        _read_checkpoint(path)  # exists and has a readable header
+    elif os.path.lexists(path) and not overwrite:
+        try:
+            at = f" at iteration {_read_checkpoint(path)[0]['iteration']}"
+        except CheckpointError:
+            at = ""
+        raise CheckpointError(
+            f"{path} already holds a checkpoint{at}. Continue it with --resume "
+            f"(`resume=True`), start afresh over it with --overwrite "
+            f"(`overwrite=True`), or use another output directory."
+        )
+    # The nearest existing directory on the way must let us create what is missing.
+    existing = os.path.abspath(out_dir)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    problem = (
+        "is not a directory"
+        if not os.path.isdir(existing)
+        else "is not writable"
+        if not os.access(existing, os.W_OK | os.X_OK)
+        else None
+    )
+    if problem:
+        raise CheckpointError(
+            f"cannot write to the output directory {os.fspath(out_dir)!r}: {existing} "
+            f"{problem}. Choose another with --out (`out_dir=`)."
+        )
+
+
+def _runtime_message(error: Exception) -> str:
+    # A runtime error raised inside a compiled step (e.g. Diffrax's "maximum number of
+    # solver steps") arrives wrapped in XLA's callback traceback: keep its own line.
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "Error: " in line and not line.startswith(("INTERNAL", "File ")):
+            return line.split("Error: ", 1)[1]
+    return lines[0] if lines else type(error).__name__
 
 
 def save_checkpoint(
@@ -260,7 +362,10 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: str | os.PathLike, like: PyTree, config: dict | None = None
+    path: str | os.PathLike,
+    like: PyTree,
+    config: dict | None = None,
+    may_change: Collection[str] = (),
 ) -> tuple[PyTree, int, dict]:
     """Read a checkpoint written by `neuralode.save_checkpoint`.
 
@@ -268,7 +373,8 @@ def load_checkpoint(
 
     - `path`: the checkpoint file.
     - `like`: a PyTree with the structure, shapes and dtypes of the saved state.
-    - `config`: if given, the checkpoint's `config` must equal it.
+    - `config`: if given, the checkpoint's `config` must equal it, but for the keys in
+        `may_change`.
 
     **Returns:**
 
@@ -279,33 +385,25 @@ def load_checkpoint(
     `neuralode.CheckpointError` if the file is missing, corrupt, was written with
     another `config`, or does not match `like`.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint to resume from: {path} does not exist.")
-    with open(path, "rb") as f:
-        data = f.read()
-    if not data.startswith(_MAGIC):
-        raise CheckpointError(f"{path} is not a neuralode checkpoint (bad header).")
-    stream = io.BytesIO(data)
-    stream.seek(len(_MAGIC))
-    try:
-        header = json.loads(stream.readline())
-        iteration = int(header["iteration"])
-        history = {k: list(header["history"][k]) for k in ("loss", "time_s", "nfe")}
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} is corrupt: unreadable header ({e}).") from None
-    if config is not None and header.get("config") != config:
+    header, stream = _read_checkpoint(path)
+    iteration, history = header["iteration"], header["history"]
+    if config is not None:
         saved = header.get("config") or {}
         keys = sorted(
-            k for k in set(saved) | set(config) if saved.get(k) != config.get(k)
+            k
+            for k in set(saved) | set(config)
+            if saved.get(k) != config.get(k) and k not in may_change
         )
-        details = ", ".join(
-            f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}" for k in keys
-        )
-        raise CheckpointError(
-            f"{path} was written by a different configuration ({details}). Use the "
-            f"same options to resume, or another output directory to start afresh."
-        )
+        if keys:
+            details = ", ".join(
+                f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}"
+                for k in keys
+            )
+            raise CheckpointError(
+                f"{path} was written by a different configuration ({details}). Use "
+                f"the same options to resume, or another output directory to start "
+                f"afresh."
+            )
     try:
         state = eqx.tree_deserialise_leaves(stream, like)
         trailing = stream.read()
@@ -326,9 +424,33 @@ def load_checkpoint(
                 f"and dtype {jnp.result_type(saved)} where {np.shape(want)} and "
                 f"{jnp.result_type(want)} were expected."
             )
-    if not len(history["loss"]) == iteration:
-        raise CheckpointError(f"{path} is corrupt: history does not match iteration.")
     return state, iteration, history
+
+
+def _read_checkpoint(path: str | os.PathLike) -> tuple[dict, io.BytesIO]:
+    """The checked header of the checkpoint at `path` (`iteration`, `config`,
+    `history`) and a stream positioned at its arrays."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        what = "is not a file" if os.path.lexists(path) else "does not exist"
+        raise CheckpointError(f"no checkpoint to resume from: {path} {what}.")
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.startswith(_MAGIC):
+        raise CheckpointError(f"{path} is not a neuralode checkpoint (bad header).")
+    stream = io.BytesIO(data)
+    stream.seek(len(_MAGIC))
+    try:
+        header = json.loads(stream.readline())
+        header["iteration"] = int(header["iteration"])
+        header["history"] = {
+            k: list(header["history"][k]) for k in ("loss", "time_s", "nfe")
+        }
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is corrupt: unreadable header ({e}).") from None
+    if any(len(v) != header["iteration"] for v in header["history"].values()):
+        raise CheckpointError(f"{path} is corrupt: history does not match iteration.")
+    return header, stream
 
 
 def save_metrics(path: str | os.PathLike, metrics: dict) -> None:
@@ -347,7 +469,13 @@ def plot_loss(metrics: dict, path: str | os.PathLike, *, title: str = "") -> Non
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=90)
-    ax.plot(np.arange(1, len(metrics["loss"]) + 1), metrics["loss"], lw=1)
+    losses = metrics["loss"]
+    ax.plot(
+        np.arange(1, len(losses) + 1),
+        losses,
+        lw=1,
+        marker="o" if len(losses) < 2 else None,
+    )
     ax.set_yscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
@@ -361,6 +489,9 @@ def _write_atomic(path: str | os.PathLike, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
     try:
+        os.fchmod(
+            fd, 0o666 & ~_umask()
+        )  # mkstemp's 0600 would hide results from others
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -370,6 +501,12 @@ def _write_atomic(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _jsonable(tree):

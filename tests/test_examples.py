@@ -163,9 +163,10 @@ def test_bad_checkpoints_are_refused_and_kept(spiral_runs, tmp_path, capsys):
     assert e.value.code == 1 and "different configuration" in err and "width" in err
     assert path.read_bytes() == good
 
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit) as e:  # found while parsing, before any work
         spiral(*COARSE, "--resume", "--out", tmp_path / "empty")
-    assert e.value.code == 1 and "no checkpoint" in capsys.readouterr().err
+    assert e.value.code == 2 and "no checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "empty").exists()
 
 
 @pytest.mark.parametrize(

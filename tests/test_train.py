@@ -2,8 +2,13 @@
 atomically and kept when training diverges; the shared command-line options."""
 
 import argparse
+import itertools
 import json
 import os
+import signal
+import stat
+import time
+import types
 
 import diffrax
 import equinox as eqx
@@ -14,6 +19,7 @@ import optax
 import pytest
 
 import neuralode
+import neuralode._train as train_module
 
 
 class Linear(eqx.Module):
@@ -38,7 +44,17 @@ def _problem():
     return model, sample_batch, loss_fn
 
 
-def _fit(out_dir, niters, *, resume=False, config=None, lr=0.1, checkpoint_every=2):
+def _fit(
+    out_dir,
+    niters,
+    *,
+    resume=False,
+    overwrite=False,
+    config=None,
+    may_change=(),
+    lr=0.1,
+    checkpoint_every=2,
+):
     model, sample_batch, loss_fn = _problem()
     return neuralode.fit(
         loss_fn,
@@ -49,9 +65,11 @@ def _fit(out_dir, niters, *, resume=False, config=None, lr=0.1, checkpoint_every
         key=jax.random.PRNGKey(0),
         out_dir=out_dir,
         config=config or {"lr": lr},
+        may_change=may_change,
         metadata={"adjoint": "none"},
         checkpoint_every=checkpoint_every,
         resume=resume,
+        overwrite=overwrite,
         progress=False,
     )
 
@@ -64,6 +82,11 @@ def test_metrics_and_resume_equal(tmp_path):
     for name in ("loss", "time_s", "nfe"):
         assert len(written[name]) == 6
     assert written["adjoint"] == "none" and written["memory_bytes"] >= 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("metrics.json", "checkpoint.eqx"):  # readable as the umask allows
+        mode = stat.S_IMODE(os.stat(tmp_path / "full" / name).st_mode)
+        assert mode == 0o666 & ~umask
 
     _fit(tmp_path / "split", 3)
     resumed = _fit(tmp_path / "split", 6, resume=True)
@@ -74,15 +97,39 @@ def test_metrics_and_resume_equal(tmp_path):
     assert again.metrics["loss"] == full.metrics["loss"]
 
 
-def test_checkpoint_errors(tmp_path):
+def test_output_directory_is_checked_before_training(tmp_path):
     with pytest.raises(neuralode.CheckpointError, match="does not exist"):
-        _fit(tmp_path, 2, resume=True)
+        _fit(tmp_path / "new", 2, resume=True)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(neuralode.CheckpointError, match="file is not a directory"):
+        _fit(tmp_path / "file" / "run", 2)
+
+    _fit(tmp_path / "run", 4)
+    path = tmp_path / "run" / "checkpoint.eqx"
+    good = path.read_bytes()
+    # A run started afresh by mistake must not replace a further-along checkpoint.
+    with pytest.raises(
+        neuralode.CheckpointError, match="already holds a checkpoint at iteration 4"
+    ):
+        _fit(tmp_path / "run", 2)
+    assert path.read_bytes() == good
+    assert _fit(tmp_path / "run", 2, overwrite=True).metrics["iterations"] == 2
+
+
+def test_resume_with_changed_options(tmp_path, capsys):
+    _fit(tmp_path, 2)
+    with pytest.raises(neuralode.CheckpointError, match="different configuration.*lr"):
+        _fit(tmp_path, 4, resume=True, lr=0.5)
+    resumed = _fit(tmp_path, 4, resume=True, lr=0.5, may_change=("lr",))
+    assert resumed.metrics["iterations"] == 4 and resumed.metrics["config"]["lr"] == 0.5
+    assert "resuming at iteration 2 with lr 0.1 -> 0.5" in capsys.readouterr().out
+
+
+def test_checkpoint_errors(tmp_path):
     _fit(tmp_path, 2)
     path = tmp_path / "checkpoint.eqx"
     good = path.read_bytes()
-
-    with pytest.raises(neuralode.CheckpointError, match="different configuration.*lr"):
-        _fit(tmp_path, 4, resume=True, lr=0.5)
     for bad in (
         b"garbage",
         good[:-5],
@@ -101,34 +148,80 @@ def test_checkpoint_errors(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
 
 
-def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
-    model = jnp.array(1.0)
+def _scalar_fit(out_dir, loss_fn, lr, niters=40):
+    return neuralode.fit(
+        loss_fn,
+        jnp.array(1.0),
+        optax.sgd(lr),
+        lambda key: None,
+        niters=niters,
+        key=jax.random.PRNGKey(0),
+        out_dir=out_dir,
+        checkpoint_every=100,  # none periodic: the stop itself must checkpoint
+        progress=False,
+    )
 
-    def loss_fn(w, batch):
-        return w**2, jnp.array(0)
 
-    # Plain gradient descent with a huge step overflows within a few iterations.
-    with pytest.raises(neuralode.TrainingDiverged, match="non-finite"):
-        neuralode.fit(
+def _grow(w, batch):  # w grows by 1 per iteration of sgd(1.0)
+    return eqx.error_if(-w, w > 5.5, "w grew past 5.5"), jnp.array(0)
+
+
+@pytest.mark.parametrize(
+    "cause, loss_fn, lr, error, message, iterations",
+    [
+        # Plain gradient descent with a huge step overflows in a few iterations.
+        ("diverged", lambda w, b: (w**2, jnp.array(0)), 1e10, None, "non-finite", None),
+        # A runtime error inside the step, as a solve that reaches max_steps raises.
+        ("failed", _grow, 1.0, None, "iteration 6 failed: w grew past 5.5", 5),
+        ("interrupted", _grow, 1.0, KeyboardInterrupt, "after iteration 3", 3),
+    ],
+)
+def test_a_stop_checkpoints_the_last_good_state(
+    tmp_path, monkeypatch, cause, loss_fn, lr, error, message, iterations
+):
+    if cause == "interrupted":
+        # Ctrl-C between an iteration's result and its bookkeeping (the 10th call:
+        # two while compiling, two per iteration).
+        calls = itertools.count()
+
+        def perf_counter():
+            if next(calls) == 9:
+                raise KeyboardInterrupt
+            return time.perf_counter()
+
+        monkeypatch.setattr(
+            train_module, "time", types.SimpleNamespace(perf_counter=perf_counter)
+        )
+    error = error or (
+        neuralode.TrainingDiverged if cause == "diverged" else neuralode.TrainingStopped
+    )
+    with pytest.raises(error, match=message):
+        _scalar_fit(tmp_path / "stopped", loss_fn, lr)
+    with open(tmp_path / "stopped" / "metrics.json") as f:
+        metrics = json.load(f)
+    iterations = iterations or metrics["iterations"]  # when w**2 overflows, >= 1
+    assert message in metrics["stopped"] and metrics["iterations"] == iterations >= 1
+    like = (jnp.array(1.0), optax.sgd(lr).init(jnp.array(1.0)), jax.random.PRNGKey(0))
+    (w, _, _), iteration, history = neuralode.load_checkpoint(
+        tmp_path / "stopped" / "checkpoint.eqx", like
+    )
+    assert iteration == iterations and np.isfinite(w)
+    assert history["loss"] == metrics["loss"]
+    if cause == "interrupted":
+        monkeypatch.undo()
+        full = _scalar_fit(tmp_path / "full", loss_fn, lr, niters=5)
+        resumed = neuralode.fit(
             loss_fn,
-            model,
-            optax.sgd(1e10),
+            jnp.array(1.0),
+            optax.sgd(lr),
             lambda key: None,
-            niters=40,
+            niters=5,
             key=jax.random.PRNGKey(0),
-            out_dir=tmp_path,
-            checkpoint_every=1,
+            out_dir=tmp_path / "stopped",
+            resume=True,
             progress=False,
         )
-    with open(tmp_path / "metrics.json") as f:
-        metrics = json.load(f)
-    assert "non-finite" in metrics["stopped"]
-    (w, _, _), iteration, history = neuralode.load_checkpoint(
-        tmp_path / "checkpoint.eqx",
-        (model, optax.sgd(1e10).init(model), jax.random.PRNGKey(0)),
-    )
-    assert iteration == len(metrics["loss"]) >= 1 and np.isfinite(w)
-    assert history["loss"] == metrics["loss"]
+        assert resumed.metrics["loss"] == full.metrics["loss"]
 
 
 def test_function_evaluations():
@@ -165,15 +258,15 @@ def test_function_evaluations_match_a_counting_field():
         assert len(calls) == expected
 
 
-def _parser():
+def _parser(out):
     parser = argparse.ArgumentParser(prog="example")
     return neuralode.add_training_arguments(
-        parser, niters=10, batch_size=4, lr=1e-3, steps=7, out="runs/x"
+        parser, niters=10, batch_size=4, lr=1e-3, steps=7, out=str(out)
     )
 
 
-def test_cli_defaults_and_building():
-    args = neuralode.parse_training_args(_parser(), [])
+def test_cli_defaults_and_building(tmp_path):
+    args = neuralode.parse_training_args(_parser(tmp_path), [])
     assert (args.steps, args.rtol, args.atol, args.niters) == (7, None, None, 10)
     assert args.adjoint == "symplectic" and args.solver == "tsit5"
     controller, dt0, max_steps = neuralode.stepping_from_args(args, 1.4)
@@ -181,21 +274,26 @@ def test_cli_defaults_and_building():
     assert dt0 == pytest.approx(0.2) and max_steps == 8
 
     args = neuralode.parse_training_args(
-        _parser(), ["--rtol", "1e-4", "--max-steps", "9"]
+        _parser(tmp_path), ["--rtol", "1e-4", "--max-steps", "9"]
     )
     assert args.atol == 1e-4 and args.steps is None
     controller, dt0, max_steps = neuralode.stepping_from_args(args, 1.0)
     assert isinstance(controller, diffrax.PIDController) and dt0 is None
     assert max_steps == 9
     for name in neuralode.ADJOINT_NAMES:
-        args = neuralode.parse_training_args(_parser(), ["--adjoint", name])
+        args = neuralode.parse_training_args(_parser(tmp_path), ["--adjoint", name])
         assert isinstance(neuralode.adjoint_from_args(args), diffrax.AbstractAdjoint)
     for name, cls in neuralode.SOLVERS.items():
         assert type(neuralode.solver_from_name(name)) is cls
     config = neuralode.run_config(
-        neuralode.parse_training_args(_parser(), ["--resume"])
+        neuralode.parse_training_args(
+            _parser(tmp_path), ["--overwrite", "--seed", "3"]
+        ),
+        ignore=("seed",),
     )
-    assert "resume" not in config and "niters" not in config and config["lr"] == 1e-3
+    assert "overwrite" not in config and "niters" not in config
+    assert "seed" not in config and config["lr"] == 1e-3
+    assert set(neuralode.RESUME_MAY_CHANGE) <= set(config)
 
 
 @pytest.mark.parametrize(
@@ -212,10 +310,28 @@ def test_cli_defaults_and_building():
         (["--adjoint", "magic"], "invalid choice"),
         (["--solver", "euler", "--rtol", "1e-3"], "no error estimate"),
         (["--checkpoint-every", "0"], "positive integer"),
+        (["--max-steps", "9"], "bounds adaptive steps"),
+        (["--steps", "4", "--max-steps", "9"], "bounds adaptive steps"),
+        (["--resume", "--overwrite"], "--overwrite replaces it"),
+        (["--resume"], "no checkpoint to resume from"),
     ],
 )
-def test_cli_errors(argv, message, capsys):
+def test_cli_errors(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        neuralode.parse_training_args(_parser(), argv)
+        neuralode.parse_training_args(_parser(tmp_path), argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_exits_cleanly_on_sigterm_and_errors(capsys):
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        with neuralode.exit_on_training_error():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this
+    assert e.value.code == 130 and "stopped: terminated" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is previous
+    with pytest.raises(SystemExit) as e:
+        with neuralode.exit_on_training_error():
+            raise neuralode.TrainingStopped("iteration 3 failed: ... `max_steps`.")
+    assert e.value.code == 1 and "raise --max-steps" in capsys.readouterr().err
