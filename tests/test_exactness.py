@@ -19,7 +19,7 @@ CONSTANT = diffrax.ConstantStepSize()
 PID = diffrax.PIDController(rtol=1e-4, atol=1e-6)
 
 
-def _compare(inp, strategies=STRATEGIES, **solve_kwargs):
+def _compare(inp, strategies=STRATEGIES, solve=solve, **solve_kwargs):
     """Solutions and gradients of `strategies` and of the reference, in one compile."""
 
     def loss(inp, adjoint):
@@ -103,6 +103,28 @@ def test_saveat_and_controllers(saveat, controller, getkey):
         solver=diffrax.Dopri5(),
         controller=controller,
         saveat=saveat,
+    )
+
+
+def test_jump_ts_where_the_field_jumps(getkey):
+    # With jump_ts a step ends just before a jump and the next starts just after it,
+    # and the loop records the latter time as the end of both. The field changes sign
+    # at the jumps (one of them a save time), so a step recomputed across its jump
+    # would be wrong by O(1).
+    jumps = jnp.array([0.5, 0.6])
+
+    def solve_with_jumps(inp, *, adjoint, **kwargs):
+        y0, args, field = inp
+        sign = lambda t: jnp.where((t < jumps[0]) | (t > jumps[1]), 1.0, -1.0)
+        switching = lambda t, y: sign(t) * field(t, y)
+        return solve((y0, args, switching), adjoint=adjoint, **kwargs)
+
+    _compare(
+        small_problem(getkey()),
+        solve=solve_with_jumps,
+        solver=diffrax.Tsit5(),
+        controller=diffrax.ClipStepSizeController(PID, jump_ts=jumps),
+        saveat=diffrax.SaveAt(ts=SAVE_TS),
     )
 
 

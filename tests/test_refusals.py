@@ -75,15 +75,6 @@ REFUSED = {
     "overridden-step": dict(solver=NormalisedHeun()),
     "solver-state": dict(saveat=diffrax.SaveAt(t1=True, solver_state=True)),
     "controller-state": dict(saveat=diffrax.SaveAt(t1=True, controller_state=True)),
-    # A step ending just before a jump is recorded as ending just after it.
-    "jump-ts": dict(
-        stepsize_controller=diffrax.ClipStepSizeController(PID, jump_ts=[0.5])
-    ),
-    "jump-ts-nested": dict(
-        stepsize_controller=diffrax.ClipStepSizeController(
-            diffrax.ClipStepSizeController(PID, jump_ts=[0.5]), step_ts=[0.25]
-        )
-    ),
 }
 
 

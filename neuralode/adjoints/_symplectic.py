@@ -7,7 +7,7 @@ method paired with the forward solver (Sanz-Serna 2016; Matsubara, Miyatake & Ya
 (the formula is in `_tableau.py`), on this schedule:
 
 - forward: Diffrax's own solve loop, recording only (t_n, y_n) of each accepted step
-  (n·|y| memory, no activations of f);
+  (n·|y| memory, no activations of f), and with `jump_ts` where each step ended;
 - backward, steps last to first: recompute the stage increments k_1..k_s of the step
   (s·|y|), pull the cotangent of any `SaveAt(ts=...)` output inside the step back
   through Diffrax's interpolation, then run the s VJPs of f one at a time, so that only
@@ -44,10 +44,10 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     `diffrax.RecursiveCheckpointAdjoint()` with respect to `y0`, `args` and the
     parameters inside `terms`, for every explicit RK solver (Euler, Heun, Midpoint,
     Ralston, Bosh3, Tsit5, Dopri5, Dopri8, or a `diffrax.AbstractERK` with your own
-    `ButcherTableau`), with constant or adaptive steps, `SaveAt(t0=..., t1=..., ts=...)`
-    and integration in either direction. SDEs solved by an explicit RK solver over a
-    fixed Brownian path (e.g. `diffrax.VirtualBrownianTree`) are covered by the same
-    formula.
+    `ButcherTableau`), with constant or adaptive steps (`step_ts` and `jump_ts`
+    included), `SaveAt(t0=..., t1=..., ts=...)` and integration in either direction.
+    SDEs solved by an explicit RK solver over a fixed Brownian path (e.g.
+    `diffrax.VirtualBrownianTree`) are covered by the same formula.
 
     Memory: the forward pass stores (t_n, y_n) for `max_steps` steps, so keep
     `max_steps` near the number of steps needed; the backward pass holds one step's
@@ -63,9 +63,8 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         Events, implicit solvers, solvers that override Diffrax's RK step,
         `SaveAt(dense=True)`, `SaveAt(steps=...)`, `SaveAt(fn=...)`,
         `SaveAt(subs=...)`, `SaveAt(solver_state=True)`,
-        `SaveAt(controller_state=True)`, a passed `solver_state`, `jump_ts` in the
-        step size controller (`step_ts` is supported) and `max_steps=None` are
-        refused with an error that names an alternative.
+        `SaveAt(controller_state=True)`, a passed `solver_state` and
+        `max_steps=None` are refused with an error that names an alternative.
         Gradients with respect to `t0`, `t1`, `dt0` or `SaveAt(ts=...)` are not
         computed: Equinox raises "Unexpected tangent" (use
         `diffrax.RecursiveCheckpointAdjoint()` for those). Arrays the vector field
@@ -113,15 +112,7 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         **kwargs,
     ):
         del throw
-        _check_supported(
-            terms,
-            solver,
-            kwargs["stepsize_controller"],
-            event,
-            saveat,
-            max_steps,
-            passed_solver_state,
-        )
+        _check_supported(terms, solver, event, saveat, max_steps, passed_solver_state)
         y0 = init_state.y
         terms = closure_convert_terms(terms, init_state.tprev, y0, args)
         init_state = eqx.tree_at(lambda s: s.y, init_state, object())
@@ -146,9 +137,7 @@ def _refuse(what: str, instead: str) -> NotImplementedError:
     )
 
 
-def _check_supported(
-    terms, solver, stepsize_controller, event, saveat, max_steps, passed_solver_state
-):
+def _check_supported(terms, solver, event, saveat, max_steps, passed_solver_state):
     """Refuse, at trace time, everything this adjoint would not differentiate exactly."""
     rca = "`adjoint=diffrax.RecursiveCheckpointAdjoint()`"
     if event is not None:
@@ -188,15 +177,6 @@ def _check_supported(
         raise _refuse(
             "a passed `solver_state` (it recomputes each step from its start)", rca
         )
-    if _has_jump_ts(stepsize_controller):
-        # A step that ends just before a jump is recorded as ending just after it
-        # (where the next step starts), so its recomputation would cross the jump.
-        raise _refuse(
-            "`jump_ts` in the step size controller",
-            "`diffrax.ClipStepSizeController(..., step_ts=...)` at the same times "
-            "(steps end exactly there; exact when the field is defined at them), "
-            f"one solve per interval between jumps, or {rca}",
-        )
 
 
 def _has_jump_ts(controller) -> bool:
@@ -207,12 +187,57 @@ def _has_jump_ts(controller) -> bool:
     return False
 
 
+class _RecordStepEnds(diffrax.AbstractStepSizeController):
+    """`controller`, also recording where each accepted step really ended.
+
+    With `jump_ts`, a step that ends just before a jump is followed by one that starts
+    just after it, and the loop records the latter time (the next step's start) as the
+    step's. Its recomputation must end where the step did, on the same side of the jump.
+    """
+
+    controller: diffrax.AbstractStepSizeController
+
+    def wrap(self, direction):
+        return self
+
+    def init(self, *args, **kwargs):
+        raise AssertionError("the loop receives an initialised state")
+
+    def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, order, state):
+        inner_state, ends, index = state
+        keep, *rest, inner_state, result = self.controller.adapt_step_size(
+            t0, t1, y0, y1_candidate, args, y_error, order, inner_state
+        )
+        ends = ends.at[index].set(jnp.where(keep, t1, ends[index]))
+        return keep, *rest, (inner_state, ends, index + keep), result
+
+
 def _is_subsaveat(x) -> bool:
     return isinstance(x, diffrax.SubSaveAt)
 
 
-def _run_loop(y0, args, terms, *, init_state, saveat, max_steps, record, **kwargs):
+def _run_loop(
+    y0,
+    args,
+    terms,
+    *,
+    init_state,
+    saveat,
+    max_steps,
+    stepsize_controller,
+    record,
+    **kwargs,
+):
     init_state = eqx.tree_at(lambda s: s.y, init_state, y0)
+    record_ends = record and _has_jump_ts(stepsize_controller)
+    if record_ends:
+        stepsize_controller = _RecordStepEnds(stepsize_controller)
+        ends = jnp.full(max_steps, jnp.inf, dtype=jnp.result_type(init_state.tprev))
+        init_state = eqx.tree_at(
+            lambda s: s.controller_state,
+            init_state,
+            (init_state.controller_state, ends, jnp.zeros((), jnp.int32)),
+        )
     if record:
         # One extra output that saves (t, y) at every accepted step.
         saveat = eqx.tree_at(
@@ -236,6 +261,7 @@ def _run_loop(y0, args, terms, *, init_state, saveat, max_steps, record, **kwarg
         init_state=init_state,
         saveat=saveat,
         max_steps=max_steps,
+        stepsize_controller=stepsize_controller,
         inner_while_loop=_lax_while_loop,
         outer_while_loop=_lax_while_loop,
         **kwargs,
@@ -244,7 +270,14 @@ def _run_loop(y0, args, terms, *, init_state, saveat, max_steps, record, **kwarg
         return final_state, aux_stats, None
     save_state, steps = final_state.save_state
     final_state = eqx.tree_at(lambda s: s.save_state, final_state, save_state)
-    return final_state, aux_stats, steps
+    # (t_n, y_n) as the loop records them, and where each step really ended.
+    step_ends = steps.ts
+    if record_ends:
+        controller_state, step_ends, _ = final_state.controller_state
+        final_state = eqx.tree_at(
+            lambda s: s.controller_state, final_state, controller_state
+        )
+    return final_state, aux_stats, (steps, step_ends)
 
 
 @eqx.filter_custom_vjp
@@ -256,8 +289,10 @@ def _symplectic_loop(y__args__terms, **kwargs):
 @_symplectic_loop.def_fwd
 def _symplectic_loop_fwd(perturbed, y__args__terms, **kwargs):
     del perturbed
-    final_state, aux_stats, steps = _run_loop(*y__args__terms, record=True, **kwargs)
-    return (final_state, aux_stats), (steps.ts, steps.ys, steps.save_index)
+    final_state, aux_stats, (steps, step_ends) = _run_loop(
+        *y__args__terms, record=True, **kwargs
+    )
+    return (final_state, aux_stats), (steps.ts, step_ends, steps.ys, steps.save_index)
 
 
 @_symplectic_loop.def_bwd
@@ -274,7 +309,7 @@ def _symplectic_loop_bwd(
 ):
     del perturbed, kwargs
     tableau = explicit_tableau(solver)
-    step_ts, step_ys, num_steps = residuals
+    step_ts, step_ends, step_ys, num_steps = residuals
     y0, args, terms = y__args__terms
     sub = saveat.subs
     save_ts = sub.ts
@@ -307,7 +342,7 @@ def _symplectic_loop_bwd(
         n, ts_index, lam, params_bar = carry
         prev = jnp.maximum(n - 1, 0)
         t_start = jnp.where(n == 0, t0, step_ts[prev])
-        t_end = step_ts[n]
+        t_end = step_ends[n]  # step_ts[n] but at a jump (see `_RecordStepEnds`)
         y_start = jtu.tree_map(
             lambda a, buf: jnp.where(n == 0, a, buf[prev]), y0, step_ys
         )
