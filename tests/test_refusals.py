@@ -97,6 +97,13 @@ def test_forward_mode_is_refused():
         jax.jvp(_solve, (Y0,), (jnp.ones(3),))
 
 
+def test_second_derivatives_are_refused():
+    grad = jax.grad(lambda y0: jnp.sum(_solve(y0)))
+    for outer in (jax.jacrev, jax.hessian):
+        with pytest.raises(NotImplementedError, match="BackpropAdjoint"):
+            jax.eval_shape(outer(grad), Y0)
+
+
 def test_accepted_inputs_trace():
     # The refusals are not over-broad: every explicit solver and SaveAt(t0, t1, ts) trace.
     for solver in (diffrax.Euler(), diffrax.Heun(), diffrax.Dopri8()):

@@ -58,8 +58,9 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
 
         Reverse mode only, first order only: under `jax.jvp`/`jax.jacfwd` JAX raises
         "can't apply forward-mode autodiff (jvp) to a custom_vjp function", and
-        differentiating the gradient again raises too. Use `diffrax.ForwardMode()` or
-        `diffrax.DirectAdjoint()` (or `neuralode.BackpropAdjoint()`) for forward mode.
+        differentiating the gradient again (a Hessian) raises `NotImplementedError`.
+        Use `diffrax.ForwardMode()` or `diffrax.DirectAdjoint()` (or
+        `neuralode.BackpropAdjoint()`) for forward mode and second derivatives.
         Events, implicit solvers, solvers that override Diffrax's RK step,
         `SaveAt(dense=True)`, `SaveAt(steps=...)`, `SaveAt(fn=...)`,
         `SaveAt(subs=...)`, `SaveAt(solver_state=True)`,
@@ -455,7 +456,23 @@ def _symplectic_loop_bwd(
         )
     if sub.t0:
         y0_bar = jtu.tree_map(lambda yb, g: yb + g[0], y0_bar, grad_ys)
-    return y0_bar, params_bar[0], params_bar[1]
+    return jtu.tree_map(_first_order_only, (y0_bar, params_bar[0], params_bar[1]))
+
+
+@jax.custom_jvp
+def _first_order_only(cotangent):
+    return cotangent
+
+
+@_first_order_only.defjvp
+def _first_order_only_jvp(primals, tangents):
+    # Differentiating the gradient would otherwise fail deep inside JAX (reverse mode
+    # of a while loop), with no word of what to use instead.
+    raise NotImplementedError(
+        "SymplecticAdjoint computes first derivatives only; its gradient cannot be "
+        "differentiated again. Use `adjoint=neuralode.BackpropAdjoint()` or "
+        "`diffrax.DirectAdjoint()` for second derivatives (Hessians)."
+    )
 
 
 def _materialise(grad_ys, y0, num_saved):
