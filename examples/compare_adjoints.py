@@ -45,7 +45,12 @@ def main(argv: list[str] | None = None) -> str:
     )
     args = parser.parse_args(argv)
     owned = ("--adjoint", "--niters", "--out", "--resume", "--overwrite")
-    clash = [a for a in args.spiral_args if a.split("=")[0] in owned]
+    # argparse also takes unambiguous prefixes (--nit for --niters).
+    clash = [
+        a
+        for a in args.spiral_args
+        if a.startswith("--") and any(o.startswith(a.split("=")[0]) for o in owned)
+    ]
     if clash:
         parser.error(
             f"{', '.join(clash)}: set by this script for each run (use its own "

@@ -3,13 +3,20 @@ its step control, and the training loop's settings, with clear errors for bad va
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
 
 import diffrax
 
-from ._train import CheckpointError, TrainingStopped, check_output_dir
+from ._train import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    TrainingStopped,
+    check_output_dir,
+    checkpoint_config,
+)
 from .adjoints import ADJOINT_NAMES, get_adjoint
 
 SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
@@ -22,6 +29,8 @@ SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
     "dopri5": diffrax.Dopri5,
     "dopri8": diffrax.Dopri8,
 }
+
+_UNSET = object()  # marks an option not given on the command line
 
 # Flags of the run itself, not of what it trains: not part of the configuration.
 _NOT_CONFIG = (
@@ -183,11 +192,37 @@ def add_training_arguments(
 def parse_training_args(
     parser: argparse.ArgumentParser, argv: list[str] | None = None
 ) -> argparse.Namespace:
-    """Parse `argv` and check the combinations `add_training_arguments` allows
-    (`--steps` excludes `--rtol`/`--atol`/`--max-steps`), and the output directory
-    (`neuralode.check_output_dir`), so that a mistake is reported before any data is
-    made or anything compiled. Fills in the defaults of the step control."""
+    """Parse `argv`, check the output directory (`neuralode.check_output_dir`) and the
+    combinations `add_training_arguments` allows (`--steps` excludes `--rtol`/`--atol`/
+    `--max-steps`), so that a mistake is reported before any data is made or anything
+    compiled, and fill in the defaults of the step control.
+
+    With `--resume`, the options of `neuralode.RESUME_MAY_CHANGE` that are not given
+    keep the checkpoint's values, so that a plain `--resume` continues the same run;
+    the step control (`--steps`, `--rtol`, `--atol`, `--max-steps`) is kept or
+    replaced as a whole, unless only `--max-steps` is given."""
+    unset = argparse.Namespace(**{k: _UNSET for k in RESUME_MAY_CHANGE})
+    given = {
+        k for k, v in vars(parser.parse_args(argv, unset)).items() if v is not _UNSET
+    } & set(RESUME_MAY_CHANGE)
     args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("--resume continues OUT's checkpoint and --overwrite replaces it")
+    try:
+        check_output_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+        saved = (
+            checkpoint_config(os.path.join(args.out, CHECKPOINT_NAME))
+            if args.resume
+            else {}
+        )
+    except CheckpointError as e:
+        parser.error(str(e))
+    keep = set(RESUME_MAY_CHANGE) - given
+    if given & {"steps", "rtol", "atol"}:
+        keep -= {"steps", "rtol", "atol", "max_steps"}
+    for k in keep & set(saved):
+        setattr(args, k, saved[k])
+
     adaptive = args.rtol is not None or args.atol is not None
     if args.steps is not None and adaptive:
         parser.error(
@@ -212,12 +247,6 @@ def parse_training_args(
     elif args.steps is None:
         args.steps = args._default_steps
     del args._default_steps, args._default_max_steps
-    if args.resume and args.overwrite:
-        parser.error("--resume continues OUT's checkpoint and --overwrite replaces it")
-    try:
-        check_output_dir(args.out, resume=args.resume, overwrite=args.overwrite)
-    except CheckpointError as e:
-        parser.error(str(e))
     return args
 
 

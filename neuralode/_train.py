@@ -10,8 +10,12 @@ state is checkpointed first, so that nothing trained is lost.
 
 import io
 import json
+import logging
 import os
+import signal
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
@@ -162,7 +166,9 @@ def fit(
     - `neuralode.TrainingDiverged` if the loss or the updated parameters are not finite;
     - `neuralode.TrainingStopped` if a step fails at run time (for example a
         `diffrax.diffeqsolve` that reaches `max_steps`);
-    - `KeyboardInterrupt` on Ctrl-C (or a signal handler that raises it).
+    - `KeyboardInterrupt` on Ctrl-C or SIGTERM (when `fit` runs in the main thread,
+        the first signal stops training after the current iteration, a second at
+        once).
     """
     if not (isinstance(niters, int) and niters >= 1):
         raise ValueError(f"fit: `niters` must be a positive int, got {niters!r}.")
@@ -176,6 +182,8 @@ def fit(
     os.makedirs(out_dir, exist_ok=True)
     checkpoint_path = os.path.join(out_dir, CHECKPOINT_NAME)
     metrics_path = os.path.join(out_dir, METRICS_NAME)
+    if not resume and os.path.exists(checkpoint_path):
+        os.remove(checkpoint_path)  # overwrite: the old run must not be resumed later
 
     params, static = eqx.partition(model, eqx.is_inexact_array)
     opt_state = optimiser.init(params)
@@ -212,81 +220,91 @@ def fit(
         )
         return params, opt_state, key, loss, nfe, finite
 
-    tic = time.perf_counter()
-    compiled = jax.jit(step).lower(params, opt_state, key).compile()
-    compile_s = time.perf_counter() - tic
-    memory_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
+    # From here on, Ctrl-C or SIGTERM stops after an iteration (see `_StopRequests`).
+    with _StopRequests() as stop:
+        tic = time.perf_counter()
+        compiled = jax.jit(step).lower(params, opt_state, key).compile()
+        compile_s = time.perf_counter() - tic
+        memory_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
 
-    def metrics(**extra):
-        return {
-            **metadata,
-            **history,
-            "iterations": len(history["loss"]),
-            "memory_bytes": memory_bytes,
-            "compile_s": compile_s,
-            "config": config,
-            **extra,
-        }
+        def metrics(**extra):
+            return {
+                **metadata,
+                **history,
+                "iterations": len(history["loss"]),
+                "memory_bytes": memory_bytes,
+                "compile_s": compile_s,
+                "config": config,
+                **extra,
+            }
 
-    # The trained state and its iteration, replaced in one assignment, so that an
-    # interrupt anywhere in the loop leaves a consistent pair to checkpoint.
-    current = ((params, opt_state, key), start)
-    saved = start  # the iteration of the checkpoint on disk
-    bar = tqdm(total=niters, initial=start, desc=desc, disable=not progress)
-    try:
-        while current[1] < niters:
-            state, done = current
-            tic = time.perf_counter()
-            try:
-                new = compiled(*state)
-                loss, nfe, finite = float(new[3]), int(new[4]), bool(new[5])
-            except jax.errors.JaxRuntimeError as e:
-                raise TrainingStopped(
-                    f"iteration {done + 1} failed: {_runtime_message(e)}"
-                ) from None
-            seconds = time.perf_counter() - tic
-            if not finite:
-                raise TrainingDiverged(
-                    f"non-finite loss or parameters at iteration {done + 1} "
-                    f"(loss {loss}). Try a smaller --lr or smaller/adaptive steps."
+        # The trained state and its iteration, replaced in one assignment, so that an
+        # interrupt anywhere in the loop leaves a consistent pair to checkpoint.
+        current = ((params, opt_state, key), start)
+        saved = start  # the iteration of the checkpoint on disk
+        bar = tqdm(total=niters, initial=start, desc=desc, disable=not progress)
+        try:
+            while current[1] < niters:
+                state, done = current
+                if stop.requested:
+                    raise KeyboardInterrupt
+                tic = time.perf_counter()
+                try:
+                    with _quiet_callback_failures():
+                        new = compiled(*state)
+                        loss, nfe, finite = float(new[3]), int(new[4]), bool(new[5])
+                except jax.errors.JaxRuntimeError as e:
+                    raise TrainingStopped(
+                        f"iteration {done + 1} failed: {_runtime_message(e)}"
+                    ) from None
+                seconds = time.perf_counter() - tic
+                if not finite:
+                    raise TrainingDiverged(
+                        f"non-finite loss or parameters at iteration {done + 1} "
+                        f"(loss {loss}). Try a smaller --lr or smaller/adaptive steps; "
+                        f"if the saved state is already too far gone, start afresh "
+                        f"(--overwrite)."
+                    )
+                for name, value in (("loss", loss), ("time_s", seconds), ("nfe", nfe)):
+                    history[name].append(value)
+                current = (new[:3], done + 1)
+                bar.set_postfix(
+                    loss=f"{loss:.4g}", nfe=nfe, s_it=f"{seconds:.3g}", refresh=False
                 )
-            for name, value in (("loss", loss), ("time_s", seconds), ("nfe", nfe)):
-                history[name].append(value)
-            current = (new[:3], done + 1)
-            bar.set_postfix(
-                loss=f"{loss:.4g}", nfe=nfe, s_it=f"{seconds:.3g}", refresh=False
+                bar.update(1)
+                if (done + 1) % checkpoint_every == 0 or done + 1 == niters:
+                    save_checkpoint(checkpoint_path, *current, config, history)
+                    saved = done + 1
+                    save_metrics(metrics_path, metrics())
+        except (TrainingStopped, KeyboardInterrupt) as e:
+            stop.hold()  # a further Ctrl-C must not cut the checkpoint short
+            bar.close()
+            state, done = current
+            for values in history.values():
+                del values[done:]  # an interrupt may have come between the appends
+            if done > saved:
+                save_checkpoint(checkpoint_path, state, done, config, history)
+            kept = (
+                f"{checkpoint_path} holds the state after iteration {done}: continue "
+                f"from there with --resume (`resume=True`)."
+                if done
+                else "Nothing was trained, so nothing was checkpointed."
             )
-            bar.update(1)
-            if (done + 1) % checkpoint_every == 0 or done + 1 == niters:
-                save_checkpoint(checkpoint_path, *current, config, history)
-                saved = done + 1
-                save_metrics(metrics_path, metrics())
-    except (TrainingStopped, KeyboardInterrupt) as e:
+            if isinstance(e, KeyboardInterrupt):
+                message = f"interrupted after iteration {done}. {kept}"
+            else:
+                message = f"{e} Training stopped. {kept}"
+            save_metrics(metrics_path, metrics(stopped=message))
+            raise type(e)(message) from None
         bar.close()
-        state, done = current
-        for values in history.values():
-            del values[done:]  # an interrupt may have come between the appends
-        if done > saved:
-            save_checkpoint(checkpoint_path, state, done, config, history)
-        kept = (
-            f"{checkpoint_path} holds the {done} iterations before it: continue "
-            f"from there with --resume (`resume=True`)."
-            if done
-            else "Nothing was trained, so nothing was checkpointed."
-        )
-        if isinstance(e, KeyboardInterrupt):
-            message = f"interrupted after iteration {done}. {kept}"
-        else:
-            message = f"{e} Training stopped. {kept}"
-        save_metrics(metrics_path, metrics(stopped=message))
-        raise type(e)(message) from None
-    bar.close()
-    (params, opt_state, key), _ = current
-    if start >= niters and progress:
-        print(f"{desc}: checkpoint is already at iteration {start} >= niters={niters}.")
-    result = metrics()
-    save_metrics(metrics_path, result)
-    return TrainResult(eqx.combine(params, static), result)
+        (params, opt_state, key), _ = current
+        if start >= niters and progress:
+            print(
+                f"{desc}: checkpoint is already at iteration {start} >= niters={niters}."
+            )
+        result = metrics()
+        save_metrics(metrics_path, result)
+        return TrainResult(eqx.combine(params, static), result)
 
 
 def check_output_dir(
@@ -301,7 +319,13 @@ def check_output_dir(
 
     `neuralode.CheckpointError`, saying which and what to do instead.
     """
+    if not os.fspath(out_dir):
+        raise CheckpointError("the output directory is empty: pass --out DIR.")
     path = os.path.join(out_dir, CHECKPOINT_NAME)
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise CheckpointError(
+            f"{path} is not a file: remove it, or choose another output directory."
+        )
     if resume:
         _read_checkpoint(path)  # exists and has a readable header
     elif os.path.lexists(path) and not overwrite:
@@ -330,6 +354,64 @@ def check_output_dir(
             f"cannot write to the output directory {os.fspath(out_dir)!r}: {existing} "
             f"{problem}. Choose another with --out (`out_dir=`)."
         )
+
+
+def checkpoint_config(path: str | os.PathLike) -> dict:
+    """The `config` stored in the checkpoint at `path`."""
+    return _read_checkpoint(path)[0].get("config") or {}
+
+
+class _StopRequests:
+    """Ctrl-C and SIGTERM while `fit` runs (from the main thread): the first asks the
+    loop to stop after the current iteration, which then checkpoints; a second stops at
+    once. A flag, not an exception raised anywhere: a `KeyboardInterrupt` can land
+    inside a compile or a garbage-collection callback, and be lost there."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._request) for s in self.SIGNALS}
+        return self
+
+    def _request(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nstopping after this iteration (press Ctrl-C again to stop now)",
+            file=sys.stderr,
+        )
+
+    def hold(self):
+        if self.previous is not None:
+            for s in self.SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
+
+    def __exit__(self, *exc_info):
+        if self.previous is not None:
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)
+            self.previous = None
+
+
+class _quiet_callback_failures:
+    """JAX logs the whole traceback of a host callback that raises (Equinox's runtime
+    errors, e.g. Diffrax's `max_steps`) before the error itself arrives; `fit` reports
+    that error in one line, so the log would only bury it."""
+
+    logger = logging.getLogger("jax._src.callback")
+
+    def __enter__(self):
+        self.level = self.logger.level
+        self.logger.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc_info):
+        self.logger.setLevel(self.level)
 
 
 def _runtime_message(error: Exception) -> str:
@@ -401,8 +483,8 @@ def load_checkpoint(
             )
             raise CheckpointError(
                 f"{path} was written by a different configuration ({details}). Use "
-                f"the same options to resume, or another output directory to start "
-                f"afresh."
+                f"the same options to resume, or start afresh with --overwrite "
+                f"(`overwrite=True`) or in another output directory."
             )
     try:
         state = eqx.tree_deserialise_leaves(stream, like)
@@ -489,9 +571,8 @@ def _write_atomic(path: str | os.PathLike, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
     try:
-        os.fchmod(
-            fd, 0o666 & ~_umask()
-        )  # mkstemp's 0600 would hide results from others
+        # mkstemp's 0600 would hide the results from others.
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -503,10 +584,13 @@ def _write_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # read once: setting it is process-wide
 
 
 def _jsonable(tree):

@@ -166,6 +166,13 @@ def _grow(w, batch):  # w grows by 1 per iteration of sgd(1.0)
     return eqx.error_if(-w, w > 5.5, "w grew past 5.5"), jnp.array(0)
 
 
+def _signal_at_3(w, batch):
+    jax.debug.callback(
+        lambda w: os.kill(os.getpid(), signal.SIGINT) if w == 3 else None, w
+    )
+    return -w, jnp.array(0)
+
+
 @pytest.mark.parametrize(
     "cause, loss_fn, lr, error, message, iterations",
     [
@@ -173,15 +180,17 @@ def _grow(w, batch):  # w grows by 1 per iteration of sgd(1.0)
         ("diverged", lambda w, b: (w**2, jnp.array(0)), 1e10, None, "non-finite", None),
         # A runtime error inside the step, as a solve that reaches max_steps raises.
         ("failed", _grow, 1.0, None, "iteration 6 failed: w grew past 5.5", 5),
+        # Ctrl-C between an iteration's result and its bookkeeping.
         ("interrupted", _grow, 1.0, KeyboardInterrupt, "after iteration 3", 3),
+        # Ctrl-C (a signal) during iteration 3: training stops after it.
+        ("signalled", _signal_at_3, 1.0, KeyboardInterrupt, "after iteration 3", 3),
     ],
 )
 def test_a_stop_checkpoints_the_last_good_state(
     tmp_path, monkeypatch, cause, loss_fn, lr, error, message, iterations
 ):
     if cause == "interrupted":
-        # Ctrl-C between an iteration's result and its bookkeeping (the 10th call:
-        # two while compiling, two per iteration).
+        # The 10th call: two while compiling, two per iteration.
         calls = itertools.count()
 
         def perf_counter():
@@ -207,8 +216,9 @@ def test_a_stop_checkpoints_the_last_good_state(
     )
     assert iteration == iterations and np.isfinite(w)
     assert history["loss"] == metrics["loss"]
-    if cause == "interrupted":
+    if cause in ("interrupted", "signalled"):
         monkeypatch.undo()
+        loss_fn = _grow  # the same losses, without a signal
         full = _scalar_fit(tmp_path / "full", loss_fn, lr, niters=5)
         resumed = neuralode.fit(
             loss_fn,
@@ -321,6 +331,32 @@ def test_cli_errors(argv, message, tmp_path, capsys):
         neuralode.parse_training_args(_parser(tmp_path), argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_resume_keeps_the_checkpoints_options(tmp_path):
+    first = ["--lr", "0.01", "--batch-size", "8", "--rtol", "1e-4", "--adjoint"]
+    args = neuralode.parse_training_args(_parser(tmp_path), first + ["backprop"])
+    like = (jnp.zeros(2),)
+    history = {"loss": [], "time_s": [], "nfe": []}
+    neuralode.save_checkpoint(
+        tmp_path / "checkpoint.eqx", like, 0, neuralode.run_config(args), history
+    )
+
+    def resumed(*argv):
+        return neuralode.parse_training_args(_parser(tmp_path), ["--resume", *argv])
+
+    args = resumed()  # a plain --resume continues the same run
+    assert (args.lr, args.batch_size, args.adjoint) == (0.01, 8, "backprop")
+    assert (args.steps, args.rtol, args.atol, args.max_steps) == (
+        None,
+        1e-4,
+        1e-4,
+        1024,
+    )
+    args = resumed("--lr", "0.001", "--max-steps", "9")
+    assert (args.lr, args.batch_size, args.rtol, args.max_steps) == (1e-3, 8, 1e-4, 9)
+    args = resumed("--steps", "5")  # the step control is replaced as a whole
+    assert (args.steps, args.rtol, args.atol, args.max_steps) == (5, None, None, None)
 
 
 def test_cli_exits_cleanly_on_sigterm_and_errors(capsys):
