@@ -169,9 +169,9 @@ def add_training_arguments(
     g.add_argument(
         "--resume",
         action="store_true",
-        help="continue from OUT/checkpoint.eqx: the same model and data options; "
+        help="continue from OUT/checkpoint.eqx with its options; "
         f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} "
-        "may change",
+        "may be given anew",
     )
     g.add_argument(
         "--overwrite",
