@@ -222,6 +222,8 @@ def parse_training_args(
         keep -= {"steps", "rtol", "atol", "max_steps"}
     for k in keep & set(saved):
         setattr(args, k, saved[k])
+    if "max_steps" not in given and args.rtol is None and args.atol is None:
+        args.max_steps = None  # older checkpoints stored it with constant steps too
 
     adaptive = args.rtol is not None or args.atol is not None
     if args.steps is not None and adaptive:

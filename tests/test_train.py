@@ -358,6 +358,15 @@ def test_resume_keeps_the_checkpoints_options(tmp_path):
     args = resumed("--steps", "5")  # the step control is replaced as a whole
     assert (args.steps, args.rtol, args.atol, args.max_steps) == (5, None, None, None)
 
+    # Older checkpoints stored the default max_steps with constant steps too.
+    config = neuralode.run_config(
+        neuralode.parse_training_args(_parser(tmp_path), ["--overwrite"])
+    )
+    config["max_steps"] = 1024
+    neuralode.save_checkpoint(tmp_path / "checkpoint.eqx", like, 0, config, history)
+    args = resumed()
+    assert (args.steps, args.rtol, args.max_steps) == (7, None, None)
+
 
 def test_cli_exits_cleanly_on_sigterm_and_errors(capsys):
     previous = signal.getsignal(signal.SIGTERM)
