@@ -193,7 +193,7 @@ def fit(
         (params, opt_state, key), start, history = load_checkpoint(
             checkpoint_path, (params, opt_state, key), config, may_change
         )
-        saved_config = _read_checkpoint(checkpoint_path)[0].get("config") or {}
+        saved_config = checkpoint_config(checkpoint_path)
         changed = [
             f"{k} {saved_config.get(k)!r} -> {config.get(k)!r}"
             for k in sorted(may_change)
