@@ -61,4 +61,5 @@ def solve(inp, *, adjoint, solver, controller, saveat, t0=0.0, t1=1.0, max_steps
 
 
 def scalar_loss(ys):
-    return jnp.sum(ys**2) + jnp.sum(jnp.sin(3 * ys))
+    """A loss of every saved value; `ys` may be a PyTree."""
+    return sum(jnp.sum(y**2) + jnp.sum(jnp.sin(3 * y)) for y in jtu.tree_leaves(ys))

@@ -6,6 +6,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import lineax as lx
 import pytest
 from helpers import RK4, assert_tree_allclose, scalar_loss, small_problem, solve
@@ -126,6 +127,36 @@ def test_jump_ts_where_the_field_jumps(getkey):
         controller=diffrax.ClipStepSizeController(PID, jump_ts=jumps),
         saveat=diffrax.SaveAt(ts=SAVE_TS),
     )
+
+
+def test_saveat_steps_fn_and_subs(getkey):
+    # Every kind of output at once: saves at ts through a `fn` that closes over a
+    # parameter, every second step and t1 (not itself a step save), t0 and every step.
+    y0, args, field = small_problem(getkey())
+    weight = jax.random.normal(getkey(), (3, 2))
+
+    def solve_with_outputs(inp, *, adjoint, **kwargs):
+        y0, args, (field, weight) = inp
+        project = lambda t, y, a: jnp.tanh(y @ weight) * (1 + t) * a
+        saveat = diffrax.SaveAt(
+            subs=(
+                diffrax.SubSaveAt(ts=SAVE_TS, fn=project),
+                diffrax.SubSaveAt(steps=2, t1=True),
+                [diffrax.SubSaveAt(t0=True, steps=True)],
+            )
+        )
+        sol = solve((y0, args, field), adjoint=adjoint, saveat=saveat, **kwargs)
+        # Unused step slots hold inf.
+        finite = jtu.tree_map(lambda y: jnp.where(jnp.isfinite(y), y, 0.0), sol.ys)
+        return eqx.tree_at(lambda s: s.ys, sol, finite)
+
+    grad = _compare(
+        (y0, args, (field, weight)),
+        solve=solve_with_outputs,
+        solver=diffrax.Tsit5(),
+        controller=PID,
+    )
+    assert jnp.all(grad[2][1] != 0)  # the parameter of `fn` gets its gradient
 
 
 def test_backwards_in_time(getkey):

@@ -63,13 +63,6 @@ REFUSED = {
     ),
     "event": dict(event=diffrax.Event(lambda t, y, args, **kwargs: y[0] < 0.0)),
     "dense": dict(saveat=diffrax.SaveAt(dense=True)),
-    "steps": dict(saveat=diffrax.SaveAt(steps=True)),
-    "fn": dict(saveat=diffrax.SaveAt(t1=True, fn=lambda t, y, args: y**2)),
-    "subs": dict(
-        saveat=diffrax.SaveAt(
-            subs=(diffrax.SubSaveAt(t1=True), diffrax.SubSaveAt(t0=True))
-        )
-    ),
     "max-steps-none": dict(max_steps=None),
     "unsafe-brownian": dict(solver=diffrax.Heun(), terms=_unsafe_sde_terms()),
     "overridden-step": dict(solver=NormalisedHeun()),

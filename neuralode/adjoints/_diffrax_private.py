@@ -10,7 +10,8 @@ uses Diffrax's public API. What is borrowed, and why:
 - `only_transpose_ys`, `nondiff_solver_controller_state`: the same guards that
   `diffrax.BacksolveAdjoint` puts around its custom VJP (only the saved `ys` carry
   cotangents; a user-passed solver/controller state is not differentiable).
-- `is_sde`, `is_unsafe_sde`, `save_y`: to recognise what the symplectic adjoint refuses.
+- `is_sde`, `is_unsafe_sde`: to recognise what the symplectic adjoint refuses;
+  `save_y`: the default `SaveAt(fn=...)`, whose cotangent needs no VJP.
 """
 
 from diffrax._adjoint import (

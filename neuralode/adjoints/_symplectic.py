@@ -9,9 +9,11 @@ method paired with the forward solver (Sanz-Serna 2016; Matsubara, Miyatake & Ya
 - forward: Diffrax's own solve loop, recording only (t_n, y_n) of each accepted step
   (n·|y| memory, no activations of f), and with `jump_ts` where each step ended;
 - backward, steps last to first: recompute the stage increments k_1..k_s of the step
-  (s·|y|), pull the cotangent of any `SaveAt(ts=...)` output inside the step back
-  through Diffrax's interpolation, then run the s VJPs of f one at a time, so that only
-  one evaluation of f has live activations (m·d).
+  (s·|y|); add to λ = ∂L/∂y_{n+1} the cotangent of a save at the step's end, and pull
+  that of any `SaveAt(ts=...)` save inside the step back through Diffrax's
+  interpolation (each through its `SaveAt(fn=...)`, whose VJP also gives ∂L/∂args and
+  the cotangent of what `fn` holds); then run the s VJPs of f one at a time, so that
+  only one evaluation of f has live activations (m·d).
 
 The accepted step sizes are constants of the discretisation (Diffrax's adaptive
 controllers stop gradients through their error estimates), so the result equals
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from . import _diffrax_private as private
-from ._closure import closure_convert_terms
+from ._closure import closure_convert_fn, closure_convert_terms
 from ._tableau import explicit_tableau, pullback_stages, recompute_stages
 
 _lax_while_loop = ft.partial(eqxi.while_loop, kind="lax")
@@ -45,7 +47,9 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     parameters inside `terms`, for every explicit RK solver (Euler, Heun, Midpoint,
     Ralston, Bosh3, Tsit5, Dopri5, Dopri8, or a `diffrax.AbstractERK` with your own
     `ButcherTableau`), with constant or adaptive steps (`step_ts` and `jump_ts`
-    included), `SaveAt(t0=..., t1=..., ts=...)` and integration in either direction.
+    included), every `SaveAt` of `t0`, `t1`, `ts` and `steps` (also through `fn=...`
+    and `subs=...`; `fn` may hold or close over parameters, which get their
+    gradients) and integration in either direction.
     SDEs solved by an explicit RK solver over a fixed Brownian path (e.g.
     `diffrax.VirtualBrownianTree`) are covered by the same formula.
 
@@ -62,8 +66,7 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         Use `diffrax.ForwardMode()` or `diffrax.DirectAdjoint()` (or
         `neuralode.BackpropAdjoint()`) for forward mode and second derivatives.
         Events, implicit solvers, solvers that override Diffrax's RK step,
-        `SaveAt(dense=True)`, `SaveAt(steps=...)`, `SaveAt(fn=...)`,
-        `SaveAt(subs=...)`, `SaveAt(solver_state=True)`,
+        `SaveAt(dense=True)`, `SaveAt(solver_state=True)`,
         `SaveAt(controller_state=True)`, a passed `solver_state` and
         `max_steps=None` are refused with an error that names an alternative.
         Gradients with respect to `t0`, `t1`, `dt0` or `SaveAt(ts=...)` are not
@@ -115,13 +118,18 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         del throw
         _check_supported(terms, solver, event, saveat, max_steps, passed_solver_state)
         y0 = init_state.y
-        terms = closure_convert_terms(terms, init_state.tprev, y0, args)
+        t = init_state.tprev
+        terms = closure_convert_terms(terms, t, y0, args)
+        # Each `SaveAt(fn=...)` is differentiated too (it may hold or close over
+        # parameters), so it travels with the differentiable inputs.
+        fns = tuple(closure_convert_fn(sub.fn, t, y0, args) for sub in _subs(saveat))
+        saveat = _with_fns(saveat, (private.save_y,) * len(fns))
         init_state = eqx.tree_at(lambda s: s.y, init_state, object())
         init_state = private.nondiff_solver_controller_state(
             self, init_state, passed_solver_state, passed_controller_state
         )
         final_state, aux_stats = _symplectic_loop(
-            (y0, args, terms),
+            (y0, args, terms, fns),
             solver=solver,
             event=event,
             saveat=saveat,
@@ -157,8 +165,6 @@ def _check_supported(terms, solver, event, saveat, max_steps, passed_solver_stat
             "own `init`, `func` and `step`) take the steps it pulls back",
             rca,
         )
-    if jtu.tree_structure(saveat.subs, is_leaf=_is_subsaveat) != jtu.tree_structure(0):
-        raise _refuse("`SaveAt(subs=...)`", rca)
     if saveat.dense:
         raise _refuse("`SaveAt(dense=True)`", rca)
     if saveat.solver_state or saveat.controller_state:
@@ -166,18 +172,30 @@ def _check_supported(terms, solver, event, saveat, max_steps, passed_solver_stat
         raise _refuse(
             "`SaveAt(solver_state=True)` or `SaveAt(controller_state=True)`", rca
         )
-    if saveat.subs.steps:
-        raise _refuse(
-            "`SaveAt(steps=...)`", f"`SaveAt(ts=...)` at the times you need, or {rca}"
-        )
-    if saveat.subs.fn is not private.save_y:
-        raise _refuse("`SaveAt(fn=...)`", f"a function of the returned `ys`, or {rca}")
     if private.is_unsafe_sde(terms):
         raise _refuse("`UnsafeBrownianPath`", "`diffrax.VirtualBrownianTree`")
     if passed_solver_state:
         raise _refuse(
             "a passed `solver_state` (it recomputes each step from its start)", rca
         )
+
+
+def _is_subsaveat(x) -> bool:
+    return isinstance(x, diffrax.SubSaveAt)
+
+
+def _subs(saveat: diffrax.SaveAt) -> list[diffrax.SubSaveAt]:
+    return jtu.tree_leaves(saveat.subs, is_leaf=_is_subsaveat)
+
+
+def _with_fns(saveat: diffrax.SaveAt, fns) -> diffrax.SaveAt:
+    """`saveat` with the `fn` of each of its `SubSaveAt`s replaced, in order."""
+    subs = [
+        eqx.tree_at(lambda sub: sub.fn, sub, fn)
+        for sub, fn in zip(_subs(saveat), fns, strict=True)
+    ]
+    treedef = jtu.tree_structure(saveat.subs, is_leaf=_is_subsaveat)
+    return eqx.tree_at(lambda s: s.subs, saveat, jtu.tree_unflatten(treedef, subs))
 
 
 def _has_jump_ts(controller) -> bool:
@@ -213,14 +231,11 @@ class _RecordStepEnds(diffrax.AbstractStepSizeController):
         return keep, *rest, (inner_state, ends, index + keep), result
 
 
-def _is_subsaveat(x) -> bool:
-    return isinstance(x, diffrax.SubSaveAt)
-
-
 def _run_loop(
     y0,
     args,
     terms,
+    fns,
     *,
     init_state,
     saveat,
@@ -230,6 +245,7 @@ def _run_loop(
     **kwargs,
 ):
     init_state = eqx.tree_at(lambda s: s.y, init_state, y0)
+    saveat = _with_fns(saveat, fns)
     record_ends = record and _has_jump_ts(stepsize_controller)
     if record_ends:
         stepsize_controller = _RecordStepEnds(stepsize_controller)
@@ -271,8 +287,9 @@ def _run_loop(
         return final_state, aux_stats, None
     save_state, steps = final_state.save_state
     final_state = eqx.tree_at(lambda s: s.save_state, final_state, save_state)
-    # (t_n, y_n) as the loop records them, and where each step really ended.
-    step_ends = steps.ts
+    # (t_n, y_n) as the loop records them, and where each step really ended (`None`:
+    # where the loop records it).
+    step_ends = None
     if record_ends:
         controller_state, step_ends, _ = final_state.controller_state
         final_state = eqx.tree_at(
@@ -282,18 +299,25 @@ def _run_loop(
 
 
 @eqx.filter_custom_vjp
-def _symplectic_loop(y__args__terms, **kwargs):
-    final_state, aux_stats, _ = _run_loop(*y__args__terms, record=False, **kwargs)
+def _symplectic_loop(inputs, **kwargs):
+    final_state, aux_stats, _ = _run_loop(*inputs, record=False, **kwargs)
     return final_state, aux_stats
 
 
 @_symplectic_loop.def_fwd
-def _symplectic_loop_fwd(perturbed, y__args__terms, **kwargs):
+def _symplectic_loop_fwd(perturbed, inputs, **kwargs):
     del perturbed
     final_state, aux_stats, (steps, step_ends) = _run_loop(
-        *y__args__terms, record=True, **kwargs
+        *inputs, record=True, **kwargs
     )
     return (final_state, aux_stats), (steps.ts, step_ends, steps.ys, steps.save_index)
+
+
+_add = ft.partial(jtu.tree_map, jnp.add)
+
+
+def _index(tree, i):
+    return jtu.tree_map(lambda buf: buf[i], tree)
 
 
 @_symplectic_loop.def_bwd
@@ -301,36 +325,29 @@ def _symplectic_loop_bwd(
     residuals,
     grad_final_state__aux_stats,
     perturbed,
-    y__args__terms,
+    inputs,
     *,
     solver,
     saveat,
     t0,
+    max_steps,
     **kwargs,
 ):
     del perturbed, kwargs
     tableau = explicit_tableau(solver)
     step_ts, step_ends, step_ys, num_steps = residuals
-    y0, args, terms = y__args__terms
-    sub = saveat.subs
-    save_ts = sub.ts
-    num_ts = 0 if save_ts is None else len(save_ts)
-    ts_offset = int(sub.t0)
-    num_saved = ts_offset + num_ts + int(sub.t1)
-    grad_ys = _materialise(grad_final_state__aux_stats[0].save_state.ys, y0, num_saved)
-
-    diff_args, static_args = eqx.partition(args, eqx.is_inexact_array)
-    diff_terms, static_terms = eqx.partition(terms, eqx.is_inexact_array)
-    params = (diff_args, diff_terms)
+    if step_ends is None:
+        step_ends = step_ts
+    y0, args, terms, fns = inputs
+    # Everything differentiable: args, the terms' parameters, and those of each `fn`.
+    params, static = eqx.partition((args, terms, fns), eqx.is_inexact_array)
 
     def vf_prod(params, t, y, t_start, t_end):
-        _args = eqx.combine(params[0], static_args)
-        _terms = eqx.combine(params[1], static_terms)
+        _args, _terms, _ = eqx.combine(params, static)
         return _terms.vf_prod(t, y, _args, _terms.contr(t_start, t_end))
 
     # y_{n+1} may not need the last stage (FSAL); interpolating a save needs every one.
     solution_stages = tableau.stages_for_solution()
-    num_stages = tableau.num_stages if num_ts else solution_stages
     is_euler = type(solver) is diffrax.Euler
 
     def interpolate(t_start, t_end, y_start, y_end, ks, t):
@@ -339,23 +356,64 @@ def _symplectic_loop_bwd(
         )
         return solver.interpolation_cls(t0=t_start, t1=t_end, **info).evaluate(t)
 
+    subs = _subs(saveat)
+    saved = jtu.tree_structure(saveat.subs, is_leaf=_is_subsaveat).flatten_up_to(
+        grad_final_state__aux_stats[0].save_state
+    )
+    outputs = [
+        _Output(i, sub, fns[i], save_state.ys, t0, y0, args, max_steps)
+        for i, (sub, save_state) in enumerate(zip(subs, saved, strict=True))
+    ]
+    saves_ts = [out for out in outputs if out.num_ts]
+    num_stages = tableau.num_stages if saves_ts else solution_stages
+
+    def pull_value(out, t, y_of, primals, g, params_bar):
+        """Cotangents of `primals` from the cotangent `g` of the saved value
+        `out.fn(t, y_of(*primals), args)`; those of `args` and of `fn` are added to
+        `params_bar`."""
+        if out.saves_y:
+            _, vjp = jax.vjp(y_of, *primals)
+            return vjp(g), params_bar
+
+        def value(params, *primals):
+            _args, _, _fns = eqx.combine(params, static)
+            return _fns[out.index](t, y_of(*primals), _args)
+
+        _, vjp = jax.vjp(value, params, *primals)
+        params_bar_value, *primals_bar = vjp(g)
+        return tuple(primals_bar), _add(params_bar, params_bar_value)
+
+    def pull_value_if(pred, out, t, y, g, params_bar):
+        """`pull_value` of a save at (t, y) that happened if `pred` (may be traced)."""
+        if pred is True:
+            (y_bar,), params_bar = pull_value(out, t, _identity, (y,), g, params_bar)
+            return y_bar, params_bar
+        return lax.cond(
+            pred,
+            lambda p: pull_value_if(True, out, t, y, g, p),
+            lambda p: (jtu.tree_map(jnp.zeros_like, y), p),
+            params_bar,
+        )
+
     def step_back(carry):
-        n, ts_index, lam, params_bar = carry
+        n, ts_indices, lam, params_bar = carry
         prev = jnp.maximum(n - 1, 0)
         t_start = jnp.where(n == 0, t0, step_ts[prev])
         t_end = step_ends[n]  # step_ts[n] but at a jump (see `_RecordStepEnds`)
         y_start = jtu.tree_map(
             lambda a, buf: jnp.where(n == 0, a, buf[prev]), y0, step_ys
         )
-        y_end = jtu.tree_map(lambda buf: buf[n], step_ys)
+        y_end = _index(step_ys, n)
 
         # Diffrax saves ts[j] in the first step with ts[j] <= t_end.
-        def has_save(c):
-            j = c[0]
-            return (j >= 0) & ((save_ts[jnp.maximum(j, 0)] > t_start) | (n == 0))
+        def has_save(out, j):
+            return (j >= 0) & ((out.ts[jnp.maximum(j, 0)] > t_start) | (n == 0))
 
-        if num_ts:
-            saves_here = has_save((ts_index,))
+        if saves_ts:
+            saves_here = ft.reduce(
+                jnp.logical_or,
+                [has_save(out, ts_indices[out.index]) for out in saves_ts],
+            )
             num_pulled = jnp.where(saves_here, num_stages, solution_stages)
             num_computed = jnp.where(saves_here, num_stages, solution_stages - 1)
         else:
@@ -373,30 +431,41 @@ def _symplectic_loop_bwd(
         )
         y_start_bar = jtu.tree_map(jnp.zeros_like, y0)
         k_bar = jtu.tree_map(jnp.zeros_like, ks)
-        if num_ts:
-
-            def pull_save(c):
-                j, y_start_bar, lam, k_bar = c
-                g = jtu.tree_map(lambda gy: gy[ts_offset + j], grad_ys)
-                _, vjp = jax.vjp(
-                    lambda ya, yb, k: interpolate(
-                        t_start, t_end, ya, yb, k, save_ts[j]
-                    ),
-                    y_start,
-                    y_end,
-                    ks,
+        ts_indices = list(ts_indices)
+        for out in outputs:
+            if out.steps:
+                # Saved after this step's ts saves, if the step's number divides.
+                g = out.cotangent(ts_indices[out.index] + 1, n)
+                is_saved = True if out.steps == 1 else (n + 1) % out.steps == 0
+                y_end_bar, params_bar = pull_value_if(
+                    is_saved, out, step_ts[n], y_end, g, params_bar
                 )
-                ya_bar, yb_bar, kk_bar = vjp(g)
-                add = ft.partial(jtu.tree_map, jnp.add)
+                lam = _add(lam, y_end_bar)
+            if not out.num_ts:
+                continue
+
+            def pull_save(c, out=out):
+                j, y_start_bar, lam, k_bar, params_bar = c
+                (ya_bar, yb_bar, kk_bar), params_bar = pull_value(
+                    out,
+                    out.ts[j],
+                    lambda ya, yb, k: interpolate(t_start, t_end, ya, yb, k, out.ts[j]),
+                    (y_start, y_end, ks),
+                    out.cotangent(j, n),
+                    params_bar,
+                )
                 return (
                     j - 1,
-                    add(y_start_bar, ya_bar),
-                    add(lam, yb_bar),
-                    add(k_bar, kk_bar),
+                    _add(y_start_bar, ya_bar),
+                    _add(lam, yb_bar),
+                    _add(k_bar, kk_bar),
+                    params_bar,
                 )
 
-            ts_index, y_start_bar, lam, k_bar = lax.while_loop(
-                has_save, pull_save, (ts_index, y_start_bar, lam, k_bar)
+            ts_indices[out.index], y_start_bar, lam, k_bar, params_bar = lax.while_loop(
+                lambda c, out=out: has_save(out, c[0]),
+                pull_save,
+                (ts_indices[out.index], y_start_bar, lam, k_bar, params_bar),
             )
         b = jnp.asarray(tableau.b[:num_stages])
         k_bar = jtu.tree_map(
@@ -424,39 +493,95 @@ def _symplectic_loop_bwd(
             num_pulled=num_pulled,
         )
         lam = jtu.tree_map(lambda *x: sum(x), lam, y_bar_sum, y_start_bar)
-        return n - 1, ts_index, lam, params_bar
+        return n - 1, tuple(ts_indices), lam, params_bar
 
-    if sub.t1:
-        lam = jtu.tree_map(lambda g: g[num_saved - 1], grad_ys)
-    else:
-        lam = jtu.tree_map(jnp.zeros_like, y0)
+    # The saves at t1 that are not the last step's (where `steps` does not divide).
+    has_steps = num_steps > 0
+    last = jnp.maximum(num_steps - 1, 0)
+    t_final = jnp.where(has_steps, step_ts[last], t0)
+    y_final = jtu.tree_map(
+        lambda a, buf: jnp.where(has_steps, buf[last], a), y0, step_ys
+    )
+    lam = jtu.tree_map(jnp.zeros_like, y0)
     params_bar = jtu.tree_map(jnp.zeros_like, params)
-    carry = (num_steps - 1, num_ts - 1, lam, params_bar)
-    _, ts_index, y0_bar, params_bar = lax.while_loop(
+    for out in outputs:
+        if out.t1 and out.steps != 1:
+            is_saved = True if not out.steps else num_steps % out.steps != 0
+            g = out.cotangent(out.num_ts, num_steps)
+            y_bar, params_bar = pull_value_if(
+                is_saved, out, t_final, y_final, g, params_bar
+            )
+            lam = _add(lam, y_bar)
+
+    carry = (num_steps - 1, tuple(out.num_ts - 1 for out in outputs), lam, params_bar)
+    _, ts_indices, y0_bar, params_bar = lax.while_loop(
         lambda c: c[0] >= 0, step_back, carry
     )
 
-    if num_ts:
-        # Saves not inside any step: t0 == t1, where Diffrax saves y0 at every ts.
-        leftover = jnp.arange(num_ts) <= ts_index
-        y0_bar = jtu.tree_map(
-            lambda yb, g: (
-                yb
-                + jnp.sum(
-                    jnp.where(
-                        leftover[(...,) + (None,) * yb.ndim],
-                        g[ts_offset : ts_offset + num_ts],
-                        0,
-                    ),
-                    axis=0,
-                )
+    for out in outputs:
+        # The t0 save, and saves not inside any step: t0 == t1, where Diffrax saves
+        # fn(t0, y0, args) at every ts.
+        g = jtu.tree_map(jnp.zeros_like, out.struct)
+        if out.t0:
+            g = _index(out.grad_ys, 0)
+        if out.num_ts:
+            g = _add(g, out.unstepped_ts_cotangent(ts_indices[out.index]))
+        if out.t0 or out.num_ts:
+            y_bar, params_bar = pull_value_if(True, out, t0, y0, g, params_bar)
+            y0_bar = _add(y0_bar, y_bar)
+    return jtu.tree_map(_first_order_only, (y0_bar, *params_bar))
+
+
+def _identity(y):
+    return y
+
+
+class _Output:
+    """One `SubSaveAt` of the solve and the cotangent of what it saved.
+
+    Diffrax writes its saves in order: fn(t0) if `t0`; then, step by step, the `ts`
+    inside the step followed by the step's end if `steps` divides the step's number;
+    then fn(t1) if `t1` and not already saved as a step.
+    """
+
+    def __init__(self, index, sub, fn, grad_ys, t0, y0, args, max_steps):
+        self.index = index
+        self.fn = fn
+        self.saves_y = fn is private.save_y
+        self.t0 = int(sub.t0)
+        self.t1 = sub.t1
+        self.ts = sub.ts
+        self.num_ts = 0 if sub.ts is None else len(sub.ts)
+        self.steps = int(sub.steps)
+        self.struct = eqx.filter_eval_shape(fn, t0, y0, args)
+        size = self.t0 + self.num_ts
+        if self.steps:
+            size += max_steps // self.steps
+        if self.t1 and (not self.steps or max_steps % self.steps):
+            size += 1
+        self.grad_ys = _materialise(grad_ys, self.struct, size)
+
+    def cotangent(self, num_ts_before, num_steps_before):
+        """The cotangent of the save made after `num_ts_before` of the `ts` and
+        `num_steps_before` steps."""
+        step_saves = num_steps_before // self.steps if self.steps else 0
+        return _index(self.grad_ys, self.t0 + num_ts_before + step_saves)
+
+    def unstepped_ts_cotangent(self, last_unstepped):
+        """The summed cotangents of the `ts` saves up to `last_unstepped` that no step
+        made: with t0 == t1 each is fn(t0, y0, args)."""
+        unstepped = jnp.arange(self.num_ts) <= last_unstepped
+        return jtu.tree_map(
+            lambda gys: jnp.sum(
+                jnp.where(
+                    unstepped[(...,) + (None,) * (gys.ndim - 1)],
+                    gys[self.t0 : self.t0 + self.num_ts],
+                    0,
+                ),
+                axis=0,
             ),
-            y0_bar,
-            grad_ys,
+            self.grad_ys,
         )
-    if sub.t0:
-        y0_bar = jtu.tree_map(lambda yb, g: yb + g[0], y0_bar, grad_ys)
-    return jtu.tree_map(_first_order_only, (y0_bar, params_bar[0], params_bar[1]))
 
 
 @jax.custom_jvp
@@ -475,14 +600,14 @@ def _first_order_only_jvp(primals, tangents):
     )
 
 
-def _materialise(grad_ys, y0, num_saved):
+def _materialise(grad_ys, struct, size):
     """Zeros where JAX passed a symbolic-zero (`None`) cotangent."""
-    zeros = lambda y: jnp.zeros((num_saved, *jnp.shape(y)), jnp.result_type(y))
+    zeros = lambda s: jnp.zeros((size, *s.shape), s.dtype)
     if grad_ys is None:
-        return jtu.tree_map(zeros, y0)
+        return jtu.tree_map(zeros, struct)
     return jtu.tree_map(
-        lambda g, y: zeros(y) if g is None else g,
+        lambda g, s: zeros(s) if g is None else g,
         grad_ys,
-        y0,
+        struct,
         is_leaf=lambda x: x is None,
     )
