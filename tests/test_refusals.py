@@ -35,8 +35,7 @@ def _solve(
         y0,
         saveat=saveat,
         max_steps=max_steps,
-        adjoint=neuralode.SymplecticAdjoint(),
-        **kwargs,
+        **{"adjoint": neuralode.SymplecticAdjoint(), **kwargs},
     ).ys
 
 
@@ -127,23 +126,51 @@ def _solve_to(t1):
     ).ys
 
 
-def test_backprop_is_the_forward_mode_alternative():
+def _sde_terms():
+    path = diffrax.VirtualBrownianTree(
+        0.0,
+        1.0,
+        tol=1e-3,
+        shape=(3,),
+        key=jax.random.PRNGKey(1),
+        levy_area=diffrax.SpaceTimeLevyArea,
+    )
+    field = neuralode.MLPField(3, 4, 1, key=jax.random.PRNGKey(0))
+    return diffrax.MultiTerm(
+        diffrax.ODETerm(lambda t, y, args: field(t, y)),
+        # ShARK is for additive noise.
+        diffrax.ControlTerm(
+            lambda t, y, args: lx.DiagonalLinearOperator(jnp.array([0.1, 0.2, 0.3])),
+            path,
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    "solver, controller, terms",
+    [
+        (diffrax.Tsit5(), diffrax.ConstantStepSize(), None),
+        # A wrapped solver, and a stochastic RK solver, with their own stage loops.
+        (diffrax.HalfSolver(diffrax.Tsit5()), PID, None),
+        (diffrax.ShARK(), diffrax.ConstantStepSize(), _sde_terms()),
+    ],
+    ids=["tsit5", "half-solver", "shark-sde"],
+)
+def test_backprop_is_the_forward_mode_alternative(solver, controller, terms):
     def solve(y0, adjoint):
-        field = neuralode.MLPField(3, 4, 1, key=jax.random.PRNGKey(0))
-        return diffrax.diffeqsolve(
-            diffrax.ODETerm(field),
-            diffrax.Tsit5(),
-            0.0,
-            1.0,
-            0.1,
-            y0,
-            max_steps=16,
-            adjoint=adjoint,
-        ).ys
+        return jnp.sum(
+            _solve(
+                y0,
+                solver=solver,
+                terms=terms,
+                stepsize_controller=controller,
+                adjoint=adjoint,
+            )
+        )
 
     tangent = jnp.array([1.0, 2.0, 3.0])
     _, ours = jax.jvp(
         lambda y: solve(y, neuralode.BackpropAdjoint()), (Y0,), (tangent,)
     )
-    _, ref = jax.jvp(lambda y: solve(y, diffrax.ForwardMode()), (Y0,), (tangent,))
-    assert jnp.allclose(ours, ref, rtol=1e-12, atol=0)
+    grad = jax.grad(solve)(Y0, diffrax.RecursiveCheckpointAdjoint())
+    assert jnp.allclose(ours, jnp.vdot(grad, tangent), rtol=1e-12, atol=0)

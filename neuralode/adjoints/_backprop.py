@@ -44,18 +44,29 @@ class BackpropAdjoint(diffrax.AbstractAdjoint):
                 "every step, so it must know how many to allocate. Pass max_steps, or use "
                 "neuralode.SymplecticAdjoint / diffrax.RecursiveCheckpointAdjoint."
             )
-        if isinstance(solver, diffrax.AbstractRungeKutta) and solver.scan_kind is None:
-            # One un-checkpointed scan over the stages: every stage's activations kept.
-            solver = eqx.tree_at(
-                lambda s: s.scan_kind, solver, "bounded", is_leaf=_is_none
-            )
         return private.loop(
-            solver=solver,
+            solver=_stages_kept(solver),
             max_steps=max_steps,
             inner_while_loop=_single_scan,
             outer_while_loop=_single_scan,
             **kwargs,
         )
+
+
+def _stages_kept(solver: diffrax.AbstractSolver) -> diffrax.AbstractSolver:
+    """`solver` with its loop over the stages un-checkpointed, so that every stage's
+    activations are kept (and forward mode sees no custom VJP), also inside wrappers
+    such as `diffrax.HalfSolver`."""
+    if isinstance(solver, diffrax.AbstractWrappedSolver):
+        return eqx.tree_at(lambda s: s.solver, solver, _stages_kept(solver.solver))
+    kind = None
+    if isinstance(solver, diffrax.AbstractRungeKutta):
+        kind = "bounded"
+    elif isinstance(solver, diffrax.AbstractSRK):
+        kind = "lax"  # its only un-checkpointed scan
+    if kind is None or solver.scan_kind is not None:
+        return solver
+    return eqx.tree_at(lambda s: s.scan_kind, solver, kind, is_leaf=_is_none)
 
 
 def _single_scan(cond_fun, body_fun, init_val, *, max_steps, buffers, checkpoints=None):
