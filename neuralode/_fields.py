@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
+from ._checks import as_bool, as_int
+
 
 class MLPField(eqx.Module):
     """A multilayer perceptron vector field dy/dt = MLP([y, t]).
@@ -26,7 +28,8 @@ class MLPField(eqx.Module):
         maps).
     - `activation`: the hidden activation, `tanh` by default (smooth, as an ODE's right
         hand side should be).
-    - `time_dependent`: if `True`, `t` is appended to the input of the MLP.
+    - `time_dependent`: if `True`, the time `t` (a scalar) is appended to the input of
+        the MLP.
     - `key`: a `jax.random` key for the initial weights.
     """
 
@@ -43,14 +46,10 @@ class MLPField(eqx.Module):
         time_dependent: bool = False,
         key: PRNGKeyArray,
     ):
-        for name, value in (("state_dim", state_dim), ("width", width)):
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(
-                    f"MLPField: `{name}` must be a positive int, got {value!r}."
-                )
-        if not (isinstance(depth, int) and depth >= 0):
-            raise ValueError(f"MLPField: `depth` must be an int >= 0, got {depth!r}.")
-        self.time_dependent = time_dependent
+        state_dim = as_int("MLPField", "state_dim", state_dim)
+        width = as_int("MLPField", "width", width)
+        depth = as_int("MLPField", "depth", depth, minimum=0)
+        self.time_dependent = as_bool("MLPField", "time_dependent", time_dependent)
         self.mlp = eqx.nn.MLP(
             in_size=state_dim + int(time_dependent),
             out_size=state_dim,
@@ -64,10 +63,17 @@ class MLPField(eqx.Module):
         self, t: ArrayLike, y: Float[Array, "... state_dim"], args=None
     ) -> Float[Array, "... state_dim"]:
         del args
+        y = jnp.asarray(y)
         if y.shape[-1:] != (self.mlp.out_size,):
             raise ValueError(
                 f"MLPField: expected a state whose last axis has size "
                 f"{self.mlp.out_size}, got shape {y.shape}."
+            )
+
+        if self.time_dependent and jnp.ndim(t) != 0:
+            # One time for the whole state: Diffrax passes a scalar.
+            raise ValueError(
+                f"MLPField: `t` must be a scalar, got shape {jnp.shape(t)}."
             )
 
         def single(y_i):

@@ -6,7 +6,8 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
-from .adjoints import get_adjoint
+from ._checks import as_int
+from .adjoints import ADJOINT_NAMES, get_adjoint
 
 
 class NeuralODE(eqx.Module):
@@ -24,7 +25,8 @@ class NeuralODE(eqx.Module):
     - `max_steps`: the bound on steps. The memory of `backprop` and `symplectic` is
         proportional to it, so keep it near the steps you need.
 
-    Call it as `model(ts, y0, args=None)` to get `ys` of shape `(len(ts), *y0.shape)`;
+    Call it as `model(ts, y0, args=None)` to get `ys` of shape `(len(ts), *y0.shape)`,
+    with `ts` increasing (or decreasing, with a negative `dt0`);
     `model.solve(ts, y0, args)` returns the whole `diffrax.Solution` (with its step
     statistics). It works under `jax.jit`, `jax.vmap` and `eqx.filter_grad`.
     """
@@ -46,23 +48,42 @@ class NeuralODE(eqx.Module):
         dt0: float | None = None,
         max_steps: int = 4096,
     ):
+        if not callable(field):
+            raise ValueError(
+                f"NeuralODE: `field` must be callable as field(t, y, args), got "
+                f"{field!r}."
+            )
         self.field = field
         self.solver = diffrax.Tsit5() if solver is None else solver
-        self.adjoint = get_adjoint(adjoint) if isinstance(adjoint, str) else adjoint
+        if not isinstance(self.solver, diffrax.AbstractSolver):
+            raise ValueError(
+                f"NeuralODE: `solver` must be a diffrax solver such as "
+                f"diffrax.Tsit5(), got {solver!r}."
+            )
+        if isinstance(adjoint, str):
+            adjoint = get_adjoint(adjoint)
+        if not isinstance(adjoint, diffrax.AbstractAdjoint):
+            raise ValueError(
+                f"NeuralODE: `adjoint` must be one of {list(ADJOINT_NAMES)} or a "
+                f"diffrax.AbstractAdjoint, got {adjoint!r}."
+            )
+        self.adjoint = adjoint
         if stepsize_controller is None:
             stepsize_controller = diffrax.ConstantStepSize()
+        if not isinstance(stepsize_controller, diffrax.AbstractStepSizeController):
+            raise ValueError(
+                f"NeuralODE: `stepsize_controller` must be a diffrax step-size "
+                f"controller such as diffrax.PIDController(rtol=1e-5, atol=1e-5), got "
+                f"{stepsize_controller!r}."
+            )
         self.stepsize_controller = stepsize_controller
         if isinstance(stepsize_controller, diffrax.ConstantStepSize) and dt0 is None:
             raise ValueError(
                 "NeuralODE: a constant step size needs `dt0`; pass dt0=... or an adaptive "
                 "stepsize_controller such as diffrax.PIDController(rtol=1e-5, atol=1e-5)."
             )
-        if not (isinstance(max_steps, int) and max_steps >= 1):
-            raise ValueError(
-                f"NeuralODE: `max_steps` must be a positive int, got {max_steps!r}."
-            )
         self.dt0 = dt0
-        self.max_steps = max_steps
+        self.max_steps = as_int("NeuralODE", "max_steps", max_steps)
 
     def solve(
         self, ts: Float[ArrayLike, " times"], y0: PyTree[Array], args=None

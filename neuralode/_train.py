@@ -29,6 +29,8 @@ import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
+from ._checks import as_int
+
 CHECKPOINT_NAME = "checkpoint.eqx"
 METRICS_NAME = "metrics.json"
 _MAGIC = b"NEURALODE-CHECKPOINT 1\n"
@@ -170,12 +172,8 @@ def fit(
         the first signal stops training after the current iteration, a second at
         once).
     """
-    if not (isinstance(niters, int) and niters >= 1):
-        raise ValueError(f"fit: `niters` must be a positive int, got {niters!r}.")
-    if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
-        raise ValueError(
-            f"fit: `checkpoint_every` must be a positive int, got {checkpoint_every!r}."
-        )
+    niters = as_int("fit", "niters", niters)
+    checkpoint_every = as_int("fit", "checkpoint_every", checkpoint_every)
     config = _jsonable(config or {})
     metadata = _jsonable(metadata or {})
     check_output_dir(out_dir, resume=resume, overwrite=overwrite)

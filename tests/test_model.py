@@ -2,6 +2,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from helpers import assert_tree_allclose
 
@@ -69,6 +70,25 @@ def test_bad_input_is_refused_early(getkey):
         field(0.0, jnp.ones(3))
     with pytest.raises(ValueError, match="width"):
         neuralode.MLPField(2, 0, 1, key=getkey())
+    # Wrong types name the argument, at construction.
+    for kwargs, name in [
+        (dict(adjoint=3), "adjoint"),
+        (dict(solver="tsit5"), "solver"),
+        (dict(stepsize_controller=1e-3), "stepsize_controller"),
+        (dict(max_steps=True), "max_steps"),
+    ]:
+        with pytest.raises(ValueError, match=f"`{name}` must be"):
+            neuralode.NeuralODE(field, dt0=0.1, **kwargs)
+    with pytest.raises(ValueError, match="`state_dim` must be"):
+        neuralode.MLPField(True, 8, 1, key=getkey())
+    with pytest.raises(ValueError, match="`time_dependent` must be"):
+        neuralode.MLPField(2, 8, 1, time_dependent="no", key=getkey())
+    with pytest.raises(ValueError, match="`t` must be a scalar"):
+        neuralode.MLPField(2, 8, 1, time_dependent=True, key=getkey())(
+            jnp.zeros(3), jnp.ones((3, 2))
+        )
+    # NumPy integers are integers.
+    assert neuralode.MLPField(np.int64(2), 8, 1, key=getkey())(0.0, [1.0, 2.0]).shape
 
 
 def test_adaptive_model_accepts_any_adjoint_object(getkey):
