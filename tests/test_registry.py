@@ -43,3 +43,11 @@ def test_continuous_options():
         neuralode.get_adjoint("continuous", seminorm=True)
     with pytest.raises(ValueError, match="both"):
         neuralode.get_adjoint("continuous", rtol=1e-3)
+    with pytest.raises(ValueError, match="`seminorm` must be True or False"):
+        neuralode.get_adjoint("continuous", rtol=1e-3, atol=1e-3, seminorm="no")
+
+
+def test_continuous_adjoint_defaults_to_backsolve():
+    assert neuralode.ContinuousAdjoint().backsolve == diffrax.BacksolveAdjoint()
+    with pytest.raises(ValueError, match="must be a diffrax.BacksolveAdjoint"):
+        neuralode.ContinuousAdjoint(diffrax.RecursiveCheckpointAdjoint())

@@ -38,6 +38,11 @@ def _continuous(**options) -> diffrax.AbstractAdjoint:
     rtol = options.pop("rtol", None)
     atol = options.pop("atol", None)
     seminorm = options.pop("seminorm", False)
+    if not isinstance(seminorm, bool):
+        raise ValueError(
+            f"get_adjoint('continuous'): `seminorm` must be True or False, got "
+            f"{seminorm!r}."
+        )
     if (rtol is None) != (atol is None):
         raise ValueError(
             "get_adjoint('continuous'): pass both `rtol` and `atol`, or neither."
@@ -88,8 +93,9 @@ def get_adjoint(name: str, **options) -> diffrax.AbstractAdjoint:
         continuous adjoint, approximate),
         `"symplectic"` (`neuralode.SymplecticAdjoint`: exact, memory-lean).
     - `options`: for `"continuous"`: `rtol`, `atol`, `seminorm`, `solver`,
-        `stepsize_controller`, `dt0`, `max_steps` of the backward solve. The others take
-        none.
+        `stepsize_controller`, `dt0`, `max_steps` of the backward solve. That solve runs
+        from t1 to t0, so its `dt0` is negative for a solve forward in time. The others
+        take none.
 
     **Returns:**
 

@@ -17,7 +17,13 @@ class ContinuousAdjoint(diffrax.AbstractAdjoint):
 
     **Arguments:**
 
-    - `backsolve`: the configured `diffrax.BacksolveAdjoint` that does the work.
+    - `backsolve`: the configured `diffrax.BacksolveAdjoint` that does the work;
+        `diffrax.BacksolveAdjoint()` by default (the backward solve then uses the
+        forward solve's solver and step control). `neuralode.get_adjoint("continuous",
+        ...)` builds one from tolerances.
+
+    Like `diffrax.BacksolveAdjoint`, it does not compute gradients with respect to
+    `t0`, `t1` or the save times (Equinox raises "Unexpected tangent").
 
     ??? cite "References"
 
@@ -39,7 +45,14 @@ class ContinuousAdjoint(diffrax.AbstractAdjoint):
         ```
     """
 
-    backsolve: diffrax.BacksolveAdjoint
+    backsolve: diffrax.BacksolveAdjoint = diffrax.BacksolveAdjoint()
+
+    def __check_init__(self):
+        if not isinstance(self.backsolve, diffrax.BacksolveAdjoint):
+            raise ValueError(
+                "ContinuousAdjoint: `backsolve` must be a diffrax.BacksolveAdjoint, got "
+                f"{self.backsolve!r}."
+            )
 
     def loop(self, *, terms, args, init_state, **kwargs):
         terms = closure_convert_terms(terms, init_state.tprev, init_state.y, args)
