@@ -159,6 +159,43 @@ def test_saveat_steps_fn_and_subs(getkey):
     assert jnp.all(grad[2][1] != 0)  # the parameter of `fn` gets its gradient
 
 
+def test_solve_stopped_by_max_steps_without_throw(getkey):
+    # With throw=False a solve that runs out of steps saves only the ts it reached,
+    # then y at the time reached in the t1 slot right after them.
+    y0, args, field = small_problem(getkey())
+    weights = jnp.arange(1.0, 6.0)[:, None]  # tells the slots apart
+
+    def loss(inp, adjoint):
+        y0, args, field = inp
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, a: a * field(t, y)),
+            diffrax.Euler(),
+            0.0,
+            1.0,
+            0.1,
+            y0,
+            args=args,
+            saveat=diffrax.SaveAt(ts=jnp.array([0.05, 0.25, 0.5, 0.9]), t1=True),
+            adjoint=adjoint,
+            max_steps=4,
+            throw=False,
+        )
+        ys = jnp.where(jnp.isfinite(sol.ys), sol.ys, 0.0)
+        return scalar_loss(weights * ys), sol.result
+
+    @eqx.filter_jit
+    def run(inp):
+        return [
+            eqx.filter_grad(loss, has_aux=True)(inp, adjoint)
+            for adjoint in (diffrax.RecursiveCheckpointAdjoint(), *STRATEGIES)
+        ]
+
+    (ref_grad, result), *results = run((y0, args, field))
+    assert result == diffrax.RESULTS.max_steps_reached
+    for grad, _ in results:
+        assert_tree_allclose(grad, ref_grad, RTOL)
+
+
 def test_backwards_in_time(getkey):
     _compare(
         small_problem(getkey()),

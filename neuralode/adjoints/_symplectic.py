@@ -305,12 +305,24 @@ def _symplectic_loop(inputs, **kwargs):
 
 
 @_symplectic_loop.def_fwd
-def _symplectic_loop_fwd(perturbed, inputs, **kwargs):
+def _symplectic_loop_fwd(perturbed, inputs, *, saveat, **kwargs):
     del perturbed
     final_state, aux_stats, (steps, step_ends) = _run_loop(
-        *inputs, record=True, **kwargs
+        *inputs, record=True, saveat=saveat, **kwargs
     )
-    return (final_state, aux_stats), (steps.ts, step_ends, steps.ys, steps.save_index)
+    # How many of each output's `ts` were saved: all, unless the solve stopped early
+    # (`throw=False`).
+    num_ts_saved = tuple(
+        save_state.saveat_ts_index
+        for save_state in _per_sub(saveat, final_state.save_state)
+    )
+    residuals = (steps.ts, step_ends, steps.ys, steps.save_index, num_ts_saved)
+    return (final_state, aux_stats), residuals
+
+
+def _per_sub(saveat: diffrax.SaveAt, tree) -> list:
+    """`tree` (shaped like the solve's outputs) as a list, one entry per `SubSaveAt`."""
+    return jtu.tree_structure(saveat.subs, is_leaf=_is_subsaveat).flatten_up_to(tree)
 
 
 _add = ft.partial(jtu.tree_map, jnp.add)
@@ -330,12 +342,13 @@ def _symplectic_loop_bwd(
     solver,
     saveat,
     t0,
+    t1,
     max_steps,
     **kwargs,
 ):
     del perturbed, kwargs
     tableau = explicit_tableau(solver)
-    step_ts, step_ends, step_ys, num_steps = residuals
+    step_ts, step_ends, step_ys, num_steps, num_ts_saved = residuals
     if step_ends is None:
         step_ends = step_ts
     y0, args, terms, fns = inputs
@@ -356,13 +369,16 @@ def _symplectic_loop_bwd(
         )
         return solver.interpolation_cls(t0=t_start, t1=t_end, **info).evaluate(t)
 
-    subs = _subs(saveat)
-    saved = jtu.tree_structure(saveat.subs, is_leaf=_is_subsaveat).flatten_up_to(
-        grad_final_state__aux_stats[0].save_state
-    )
+    grad_saved = _per_sub(saveat, grad_final_state__aux_stats[0].save_state)
     outputs = [
-        _Output(i, sub, fns[i], save_state.ys, t0, y0, args, max_steps)
-        for i, (sub, save_state) in enumerate(zip(subs, saved, strict=True))
+        _Output(i, sub, fns[i], grad.ys, t0, y0, args, max_steps)
+        for i, (sub, grad) in enumerate(zip(_subs(saveat), grad_saved, strict=True))
+    ]
+    # With t0 == t1 no step is taken and Diffrax saves fn(t0, y0, args) at every ts
+    # without counting them.
+    num_ts_saved = [
+        jnp.where(t0 == t1, out.num_ts, saved)
+        for out, saved in zip(outputs, num_ts_saved, strict=True)
     ]
     saves_ts = [out for out in outputs if out.num_ts]
     num_stages = tableau.num_stages if saves_ts else solution_stages
@@ -507,13 +523,13 @@ def _symplectic_loop_bwd(
     for out in outputs:
         if out.t1 and out.steps != 1:
             is_saved = True if not out.steps else num_steps % out.steps != 0
-            g = out.cotangent(out.num_ts, num_steps)
+            g = out.cotangent(num_ts_saved[out.index], num_steps)
             y_bar, params_bar = pull_value_if(
                 is_saved, out, t_final, y_final, g, params_bar
             )
             lam = _add(lam, y_bar)
 
-    carry = (num_steps - 1, tuple(out.num_ts - 1 for out in outputs), lam, params_bar)
+    carry = (num_steps - 1, tuple(n - 1 for n in num_ts_saved), lam, params_bar)
     _, ts_indices, y0_bar, params_bar = lax.while_loop(
         lambda c: c[0] >= 0, step_back, carry
     )
