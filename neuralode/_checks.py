@@ -2,6 +2,8 @@
 
 import operator
 
+import numpy as np
+
 
 def as_int(owner: str, name: str, value, minimum: int = 1) -> int:
     """`value` as a Python int of at least `minimum` (NumPy integers accepted, bools
@@ -20,6 +22,6 @@ def as_int(owner: str, name: str, value, minimum: int = 1) -> int:
 
 def as_bool(owner: str, name: str, value) -> bool:
     """`value` if it is a bool (NumPy's too), or a `ValueError`."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise ValueError(f"{owner}: `{name}` must be True or False, got {value!r}.")

@@ -188,10 +188,9 @@ def fit(
     history = {"loss": [], "time_s": [], "nfe": []}
     start = 0
     if resume:
-        (params, opt_state, key), start, history = load_checkpoint(
+        (params, opt_state, key), start, history, saved_config = _load_checkpoint(
             checkpoint_path, (params, opt_state, key), config, may_change
         )
-        saved_config = checkpoint_config(checkpoint_path)
         changed = [
             f"{k} {saved_config.get(k)!r} -> {config.get(k)!r}"
             for k in sorted(may_change)
@@ -465,18 +464,23 @@ def load_checkpoint(
     `neuralode.CheckpointError` if the file is missing, corrupt, was written with
     another `config`, or does not match `like`.
     """
+    return _load_checkpoint(path, like, config, may_change)[:3]
+
+
+def _load_checkpoint(path, like, config, may_change):
+    """`load_checkpoint`'s result and the checkpoint's `config`."""
     header, stream = _read_checkpoint(path)
+    saved_config = header.get("config") or {}
     iteration, history = header["iteration"], header["history"]
     if config is not None:
-        saved = header.get("config") or {}
         keys = sorted(
             k
-            for k in set(saved) | set(config)
-            if saved.get(k) != config.get(k) and k not in may_change
+            for k in set(saved_config) | set(config)
+            if saved_config.get(k) != config.get(k) and k not in may_change
         )
         if keys:
             details = ", ".join(
-                f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}"
+                f"{k}: checkpoint {saved_config.get(k)!r} vs now {config.get(k)!r}"
                 for k in keys
             )
             raise CheckpointError(
@@ -504,7 +508,7 @@ def load_checkpoint(
                 f"and dtype {jnp.result_type(saved)} where {np.shape(want)} and "
                 f"{jnp.result_type(want)} were expected."
             )
-    return state, iteration, history
+    return state, iteration, history, saved_config
 
 
 def _read_checkpoint(path: str | os.PathLike) -> tuple[dict, io.BytesIO]:

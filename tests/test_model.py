@@ -88,7 +88,8 @@ def test_bad_input_is_refused_early(getkey):
             jnp.zeros(3), jnp.ones((3, 2))
         )
     # NumPy integers are integers.
-    assert neuralode.MLPField(np.int64(2), 8, 1, key=getkey())(0.0, [1.0, 2.0]).shape
+    field = neuralode.MLPField(np.int64(2), 8, 1, key=getkey())
+    assert field(0.0, [1.0, 2.0]).shape == (2,)
 
 
 def test_adaptive_model_accepts_any_adjoint_object(getkey):

@@ -385,7 +385,7 @@ def _symplectic_loop_bwd(
 
     def pull_value(out, t, y_of, primals, g, params_bar):
         """Cotangents of `primals` from the cotangent `g` of the saved value
-        `out.fn(t, y_of(*primals), args)`; those of `args` and of `fn` are added to
+        `fn(t, y_of(*primals), args)` of `out`; those of `args` and of `fn` are added to
         `params_bar`."""
         if out.saves_y:
             _, vjp = jax.vjp(y_of, *primals)
@@ -530,18 +530,15 @@ def _symplectic_loop_bwd(
             lam = _add(lam, y_bar)
 
     carry = (num_steps - 1, tuple(n - 1 for n in num_ts_saved), lam, params_bar)
-    _, ts_indices, y0_bar, params_bar = lax.while_loop(
-        lambda c: c[0] >= 0, step_back, carry
-    )
+    _, _, y0_bar, params_bar = lax.while_loop(lambda c: c[0] >= 0, step_back, carry)
 
     for out in outputs:
-        # The t0 save, and saves not inside any step: t0 == t1, where Diffrax saves
-        # fn(t0, y0, args) at every ts.
+        # The t0 save, and with t0 == t1 the ts saves, all of fn(t0, y0, args).
         g = jtu.tree_map(jnp.zeros_like, out.struct)
         if out.t0:
             g = _index(out.grad_ys, 0)
         if out.num_ts:
-            g = _add(g, out.unstepped_ts_cotangent(ts_indices[out.index]))
+            g = _add(g, out.ts_cotangent_if(t0 == t1))
         if out.t0 or out.num_ts:
             y_bar, params_bar = pull_value_if(True, out, t0, y0, g, params_bar)
             y0_bar = _add(y0_bar, y_bar)
@@ -562,7 +559,6 @@ class _Output:
 
     def __init__(self, index, sub, fn, grad_ys, t0, y0, args, max_steps):
         self.index = index
-        self.fn = fn
         self.saves_y = fn is private.save_y
         self.t0 = int(sub.t0)
         self.t1 = sub.t1
@@ -583,18 +579,11 @@ class _Output:
         step_saves = num_steps_before // self.steps if self.steps else 0
         return _index(self.grad_ys, self.t0 + num_ts_before + step_saves)
 
-    def unstepped_ts_cotangent(self, last_unstepped):
-        """The summed cotangents of the `ts` saves up to `last_unstepped` that no step
-        made: with t0 == t1 each is fn(t0, y0, args)."""
-        unstepped = jnp.arange(self.num_ts) <= last_unstepped
+    def ts_cotangent_if(self, pred):
+        """The summed cotangents of all the `ts` saves if `pred`, else zeros."""
         return jtu.tree_map(
-            lambda gys: jnp.sum(
-                jnp.where(
-                    unstepped[(...,) + (None,) * (gys.ndim - 1)],
-                    gys[self.t0 : self.t0 + self.num_ts],
-                    0,
-                ),
-                axis=0,
+            lambda gys: jnp.where(
+                pred, jnp.sum(gys[self.t0 : self.t0 + self.num_ts], axis=0), 0
             ),
             self.grad_ys,
         )
