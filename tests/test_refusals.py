@@ -61,7 +61,6 @@ REFUSED = {
         solver=diffrax.HalfSolver(diffrax.Tsit5()), stepsize_controller=PID
     ),
     "event": dict(event=diffrax.Event(lambda t, y, args, **kwargs: y[0] < 0.0)),
-    "dense": dict(saveat=diffrax.SaveAt(dense=True)),
     "max-steps-none": dict(max_steps=None),
     "unsafe-brownian": dict(solver=diffrax.Heun(), terms=_unsafe_sde_terms()),
     "overridden-step": dict(solver=NormalisedHeun()),
@@ -103,6 +102,23 @@ def test_accepted_inputs_trace():
         loss = lambda y0, s=solver, sa=saveat: jnp.sum(_solve(y0, solver=s, saveat=sa))
         out = jax.eval_shape(jax.grad(loss), Y0)
         assert out.shape == (3,)
+
+    # Dense output alone: a SaveAt without any other save.
+    def dense_loss(y0):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, args: -y),
+            diffrax.Tsit5(),
+            0.0,
+            1.0,
+            0.1,
+            y0,
+            saveat=diffrax.SaveAt(dense=True),
+            adjoint=neuralode.SymplecticAdjoint(),
+            max_steps=16,
+        )
+        return jnp.sum(sol.evaluate(0.55))
+
+    assert jax.eval_shape(jax.grad(dense_loss), Y0).shape == (3,)
 
 
 def test_time_gradients_are_refused_not_zero():

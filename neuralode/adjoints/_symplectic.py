@@ -12,8 +12,9 @@ method paired with the forward solver (Sanz-Serna 2016; Matsubara, Miyatake & Ya
   (s·|y|); add to λ = ∂L/∂y_{n+1} the cotangent of a save at the step's end, and pull
   that of any `SaveAt(ts=...)` save inside the step back through Diffrax's
   interpolation (each through its `SaveAt(fn=...)`, whose VJP also gives ∂L/∂args and
-  the cotangent of what `fn` holds); then run the s VJPs of f one at a time, so that
-  only one evaluation of f has live activations (m·d).
+  the cotangent of what `fn` holds), and add the cotangent of the step's dense output
+  (y_n, y_{n+1}, k_1..k_s) to those of y_n, λ and the stages; then run the s VJPs of
+  f one at a time, so that only one evaluation of f has live activations (m·d).
 
 The accepted step sizes are constants of the discretisation (Diffrax's adaptive
 controllers stop gradients through their error estimates), so the result equals
@@ -49,13 +50,16 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     `ButcherTableau`), with constant or adaptive steps (`step_ts` and `jump_ts`
     included), every `SaveAt` of `t0`, `t1`, `ts` and `steps` (also through `fn=...`
     and `subs=...`; `fn` may hold or close over parameters, which get their
-    gradients) and integration in either direction.
+    gradients), dense output (`SaveAt(dense=True)`, `sol.evaluate(t)`) and
+    integration in either direction.
     SDEs solved by an explicit RK solver over a fixed Brownian path (e.g.
     `diffrax.VirtualBrownianTree`) are covered by the same formula.
 
     Memory: the forward pass stores (t_n, y_n) for `max_steps` steps, so keep
     `max_steps` near the number of steps needed; the backward pass holds one step's
-    stages and one evaluation of f's activations. Compute: each step's stages are
+    stages and one evaluation of f's activations. Dense output is itself s + 2 states
+    per step (Diffrax stores each step's y_n, y_{n+1} and stages), and so is its
+    cotangent: with `SaveAt(dense=True)` that, not the adjoint, dominates memory. Compute: each step's stages are
     evaluated three times (forward, recompute, and inside their VJP).
 
     !!! warning
@@ -66,7 +70,7 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         Use `diffrax.ForwardMode()` or `diffrax.DirectAdjoint()` (or
         `neuralode.BackpropAdjoint()`) for forward mode and second derivatives.
         Events, implicit solvers, solvers that override Diffrax's RK step,
-        `SaveAt(dense=True)`, `SaveAt(solver_state=True)`,
+        `SaveAt(solver_state=True)`,
         `SaveAt(controller_state=True)`, a passed `solver_state` and
         `max_steps=None` are refused with an error that names an alternative.
         Gradients with respect to `t0`, `t1`, `dt0` or `SaveAt(ts=...)` are not
@@ -137,7 +141,14 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
             init_state=init_state,
             **kwargs,
         )
-        return private.only_transpose_ys(final_state), aux_stats
+        transposed = private.only_transpose_ys(final_state)
+        if saveat.dense:
+            # Dense output is pulled back too: each step's (y0, y1, k) is a function
+            # of the step's start and stages.
+            transposed = eqx.tree_at(
+                lambda s: s.dense_infos, transposed, final_state.dense_infos
+            )
+        return transposed, aux_stats
 
 
 def _refuse(what: str, instead: str) -> NotImplementedError:
@@ -165,8 +176,6 @@ def _check_supported(terms, solver, event, saveat, max_steps, passed_solver_stat
             "own `init`, `func` and `step`) take the steps it pulls back",
             rca,
         )
-    if saveat.dense:
-        raise _refuse("`SaveAt(dense=True)`", rca)
     if saveat.solver_state or saveat.controller_state:
         # Their cotangents would be dropped, not pulled back.
         raise _refuse(
@@ -188,8 +197,14 @@ def _subs(saveat: diffrax.SaveAt) -> list[diffrax.SubSaveAt]:
     return jtu.tree_leaves(saveat.subs, is_leaf=_is_subsaveat)
 
 
+def _is_none(x) -> bool:
+    return x is None
+
+
 def _with_fns(saveat: diffrax.SaveAt, fns) -> diffrax.SaveAt:
     """`saveat` with the `fn` of each of its `SubSaveAt`s replaced, in order."""
+    if saveat.subs is None:
+        return saveat
     subs = [
         eqx.tree_at(lambda sub: sub.fn, sub, fn)
         for sub, fn in zip(_subs(saveat), fns, strict=True)
@@ -257,8 +272,12 @@ def _run_loop(
         )
     if record:
         # One extra output that saves (t, y) at every accepted step.
+        # (`SaveAt(dense=True)` alone has no other output: its `subs` are `None`.)
         saveat = eqx.tree_at(
-            lambda s: s.subs, saveat, (saveat.subs, diffrax.SubSaveAt(steps=True))
+            lambda s: s.subs,
+            saveat,
+            (saveat.subs, diffrax.SubSaveAt(steps=True)),
+            is_leaf=_is_none,
         )
         time_dtype = jnp.result_type(init_state.tprev)
         steps = private.SaveState(
@@ -270,7 +289,10 @@ def _run_loop(
             save_index=0,
         )
         init_state = eqx.tree_at(
-            lambda s: s.save_state, init_state, (init_state.save_state, steps)
+            lambda s: s.save_state,
+            init_state,
+            (init_state.save_state, steps),
+            is_leaf=_is_none,
         )
     final_state, aux_stats = private.loop(
         args=args,
@@ -286,7 +308,9 @@ def _run_loop(
     if not record:
         return final_state, aux_stats, None
     save_state, steps = final_state.save_state
-    final_state = eqx.tree_at(lambda s: s.save_state, final_state, save_state)
+    final_state = eqx.tree_at(
+        lambda s: s.save_state, final_state, save_state, is_leaf=_is_none
+    )
     # (t_n, y_n) as the loop records them, and where each step really ended (`None`:
     # where the loop records it).
     step_ends = None
@@ -326,6 +350,13 @@ def _per_sub(saveat: diffrax.SaveAt, tree) -> list:
 
 
 _add = ft.partial(jtu.tree_map, jnp.add)
+
+
+def _add_cotangent(x, g):
+    """`x + g`, where `g` may be or hold `None` (a symbolic zero)."""
+    if g is None:
+        return x
+    return jtu.tree_map(lambda a, b: a if b is None else a + b, x, g)
 
 
 def _index(tree, i):
@@ -381,7 +412,12 @@ def _symplectic_loop_bwd(
         for out, saved in zip(outputs, num_ts_saved, strict=True)
     ]
     saves_ts = [out for out in outputs if out.num_ts]
-    num_stages = tableau.num_stages if saves_ts else solution_stages
+    # The cotangent of each step's dense output dict(y0, y1, k), if the loss used it.
+    dense_bar = grad_final_state__aux_stats[0].dense_infos if saveat.dense else None
+    if not jtu.tree_leaves(dense_bar):
+        dense_bar = None
+    every_stage = bool(saves_ts) or dense_bar is not None
+    num_stages = tableau.num_stages if every_stage else solution_stages
 
     def pull_value(out, t, y_of, primals, g, params_bar):
         """Cotangents of `primals` from the cotangent `g` of the saved value
@@ -425,7 +461,9 @@ def _symplectic_loop_bwd(
         def has_save(out, j):
             return (j >= 0) & ((out.ts[jnp.maximum(j, 0)] > t_start) | (n == 0))
 
-        if saves_ts:
+        if dense_bar is not None:
+            num_pulled = num_computed = num_stages
+        elif saves_ts:
             saves_here = ft.reduce(
                 jnp.logical_or,
                 [has_save(out, ts_indices[out.index]) for out in saves_ts],
@@ -447,6 +485,12 @@ def _symplectic_loop_bwd(
         )
         y_start_bar = jtu.tree_map(jnp.zeros_like, y0)
         k_bar = jtu.tree_map(jnp.zeros_like, ks)
+        if dense_bar is not None:
+            info_bar = _index(dense_bar, n)
+            y_start_bar = _add_cotangent(y_start_bar, info_bar["y0"])
+            lam = _add_cotangent(lam, info_bar["y1"])
+            if "k" in info_bar:  # Euler's has none
+                k_bar = _add_cotangent(k_bar, info_bar["k"])
         ts_indices = list(ts_indices)
         for out in outputs:
             if out.steps:
