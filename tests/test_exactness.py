@@ -158,14 +158,21 @@ def test_saveat_steps_fn_and_subs(getkey):
     assert jnp.all(grad[2][1] != 0)  # the parameter of `fn` gets its gradient
 
 
-def test_solve_stopped_by_max_steps_without_throw(getkey):
-    # With throw=False a solve that runs out of steps saves only the ts it reached,
-    # then y at the time reached in the t1 slot right after them.
+@pytest.mark.parametrize("stopped_by", ["max_steps", "event"])
+def test_solve_stopped_early(stopped_by, getkey):
+    # A solve that runs out of steps (with throw=False) or whose event triggers saves
+    # only the ts it reached, then y at the time reached in the t1 slot right after.
     y0, args, field = small_problem(getkey())
     weights = jnp.arange(1.0, 6.0)[:, None]  # tells the slots apart
 
     def loss(inp, adjoint):
         y0, args, field = inp
+        if stopped_by == "event":
+            # Triggers at the end of the step where t * args crosses 0.3 (t = 0.5);
+            # the condition closes over a differentiated input.
+            stop = dict(event=diffrax.Event(lambda t, y, a, **kw: t * args - 0.3))
+        else:
+            stop = dict(max_steps=4, throw=False)
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(lambda t, y, a: a * field(t, y)),
             diffrax.Euler(),
@@ -176,11 +183,10 @@ def test_solve_stopped_by_max_steps_without_throw(getkey):
             args=args,
             saveat=diffrax.SaveAt(ts=jnp.array([0.05, 0.25, 0.5, 0.9]), t1=True),
             adjoint=adjoint,
-            max_steps=4,
-            throw=False,
+            **{"max_steps": 64, **stop},
         )
         ys = jnp.where(jnp.isfinite(sol.ys), sol.ys, 0.0)
-        return scalar_loss(weights * ys), sol.result
+        return scalar_loss(weights * ys), (sol.result, sol.ts)
 
     @eqx.filter_jit
     def run(inp):
@@ -189,8 +195,12 @@ def test_solve_stopped_by_max_steps_without_throw(getkey):
             for adjoint in (diffrax.RecursiveCheckpointAdjoint(), *STRATEGIES)
         ]
 
-    (ref_grad, result), *results = run((y0, args, field))
-    assert result == diffrax.RESULTS.max_steps_reached
+    (ref_grad, (result, ts)), *results = run((y0, args, field))
+    if stopped_by == "event":
+        assert result == diffrax.RESULTS.event_occurred
+        assert jnp.allclose(ts[3], 0.5) and not jnp.isfinite(ts[4])  # t1 slot: 3
+    else:
+        assert result == diffrax.RESULTS.max_steps_reached
     for grad, _ in results:
         assert_tree_allclose(grad, ref_grad, RTOL)
 

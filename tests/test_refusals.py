@@ -5,6 +5,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import lineax as lx
+import optimistix as optx
 import pytest
 
 import neuralode
@@ -60,7 +61,11 @@ REFUSED = {
     "half-solver": dict(
         solver=diffrax.HalfSolver(diffrax.Tsit5()), stepsize_controller=PID
     ),
-    "event": dict(event=diffrax.Event(lambda t, y, args, **kwargs: y[0] < 0.0)),
+    "event-root-finder": dict(
+        event=diffrax.Event(
+            lambda t, y, args, **kwargs: y[0], optx.Newton(rtol=1e-6, atol=1e-6)
+        )
+    ),
     "max-steps-none": dict(max_steps=None),
     "unsafe-brownian": dict(solver=diffrax.Heun(), terms=_unsafe_sde_terms()),
     "overridden-step": dict(solver=NormalisedHeun()),

@@ -2,10 +2,12 @@
 
 A custom VJP differentiates only its explicit inputs. A vector field that closes over
 arrays (`ODETerm(lambda t, y, args: model(y))`, the way most people write one), or a
-`SaveAt(fn=...)` that does, would make JAX raise `CustomVJPException`; converted, those
-arrays become leaves of the function and receive their cotangents like any parameter.
+`SaveAt(fn=...)` or an event's `cond_fn` that does, would make JAX raise
+`CustomVJPException`; converted, those arrays become leaves of the function and receive
+their cotangents like any parameter.
 """
 
+import functools as ft
 from collections.abc import Callable
 
 import diffrax
@@ -59,3 +61,28 @@ def closure_convert_fn(fn: Callable, t, y, args) -> Callable:
     tracers that are not its own leaves."""
     converted = _convert(fn, fn, t, y, args)
     return fn if converted is None else converted
+
+
+class _CondFn(eqx.Module):
+    """An event's `cond_fn` with Diffrax's keyword arguments already bound."""
+
+    bound: Callable
+
+    def __call__(self, t, y, args, **kwargs):
+        del kwargs  # bound at conversion: the same throughout one solve
+        return self.bound(t, y, args)
+
+
+def closure_convert_event(event: diffrax.Event | None, t, y, args, **kwargs):
+    """`event` with each `cond_fn` closure-converted if it closes over tracers, its
+    keyword arguments (`terms`, `solver`, `t0`, ... as Diffrax passes them) bound."""
+    if event is None:
+        return None
+
+    def convert(cond_fn):
+        bound = ft.partial(cond_fn, **kwargs)
+        converted = _convert(bound, (cond_fn, kwargs), t, y, args)
+        return cond_fn if converted is None else _CondFn(converted)
+
+    cond_fns = jtu.tree_map(convert, event.cond_fn, is_leaf=callable)
+    return eqx.tree_at(lambda e: e.cond_fn, event, cond_fns)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from . import _diffrax_private as private
-from ._closure import closure_convert_fn, closure_convert_terms
+from ._closure import closure_convert_event, closure_convert_fn, closure_convert_terms
 from ._tableau import explicit_tableau, pullback_stages, recompute_stages
 
 _lax_while_loop = ft.partial(eqxi.while_loop, kind="lax")
@@ -59,8 +59,14 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     `max_steps` near the number of steps needed; the backward pass holds one step's
     stages and one evaluation of f's activations. Dense output is itself s + 2 states
     per step (Diffrax stores each step's y_n, y_{n+1} and stages), and so is its
-    cotangent: with `SaveAt(dense=True)` that, not the adjoint, dominates memory. Compute: each step's stages are
-    evaluated three times (forward, recompute, and inside their VJP).
+    cotangent: with `SaveAt(dense=True)` that, not the adjoint, dominates memory.
+    Compute: each step's stages are evaluated three times (forward, recompute, and
+    inside their VJP).
+
+    An `event` without a root finder stops the solve at the end of the step on which
+    it triggers; the gradient is then that of the steps taken, as with
+    `diffrax.RecursiveCheckpointAdjoint`. Which step that is does not change under a
+    small perturbation, so arrays the condition closes over get a zero gradient.
 
     !!! warning
 
@@ -69,8 +75,8 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         differentiating the gradient again (a Hessian) raises `NotImplementedError`.
         Use `diffrax.ForwardMode()` or `diffrax.DirectAdjoint()` (or
         `neuralode.BackpropAdjoint()`) for forward mode and second derivatives.
-        Events, implicit solvers, solvers that override Diffrax's RK step,
-        `SaveAt(solver_state=True)`,
+        Events with a root finder, implicit solvers, solvers that override
+        Diffrax's RK step, `SaveAt(solver_state=True)`,
         `SaveAt(controller_state=True)`, a passed `solver_state` and
         `max_steps=None` are refused with an error that names an alternative.
         Gradients with respect to `t0`, `t1`, `dt0` or `SaveAt(ts=...)` are not
@@ -123,6 +129,17 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         _check_supported(terms, solver, event, saveat, max_steps, passed_solver_state)
         y0 = init_state.y
         t = init_state.tprev
+        # An event's `cond_fn` may close over parameters too (e.g. a threshold); the
+        # step on which it triggers does not depend on them differentiably, so they
+        # travel as inputs whose cotangent is zero.
+        event = closure_convert_event(
+            event,
+            t,
+            y0,
+            args,
+            **dict(terms=terms, solver=solver, saveat=saveat, max_steps=max_steps),
+            **{k: kwargs[k] for k in ("t0", "t1", "dt0", "stepsize_controller")},
+        )
         terms = closure_convert_terms(terms, t, y0, args)
         # Each `SaveAt(fn=...)` is differentiated too (it may hold or close over
         # parameters), so it travels with the differentiable inputs.
@@ -132,10 +149,16 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         init_state = private.nondiff_solver_controller_state(
             self, init_state, passed_solver_state, passed_controller_state
         )
+        # The event's first values (at t0) matter only through their signs.
+        init_state = eqx.tree_at(
+            lambda s: (s.event_values, s.event_dense_info),
+            init_state,
+            replace_fn=lax.stop_gradient,
+            is_leaf=_is_none,
+        )
         final_state, aux_stats = _symplectic_loop(
-            (y0, args, terms, fns),
+            (y0, args, terms, fns, event),
             solver=solver,
-            event=event,
             saveat=saveat,
             max_steps=max_steps,
             init_state=init_state,
@@ -160,8 +183,13 @@ def _refuse(what: str, instead: str) -> NotImplementedError:
 def _check_supported(terms, solver, event, saveat, max_steps, passed_solver_state):
     """Refuse, at trace time, everything this adjoint would not differentiate exactly."""
     rca = "`adjoint=diffrax.RecursiveCheckpointAdjoint()`"
-    if event is not None:
-        raise _refuse("events (`diffeqsolve(..., event=...)`)", rca)
+    if event is not None and event.root_finder is not None:
+        # The event time would then depend on the parameters through the root find.
+        raise _refuse(
+            "events with a root finder (`diffrax.Event(..., root_finder=...)`)",
+            f"`root_finder=None` (the solve stops at the end of the step on which the "
+            f"event triggers) or {rca}",
+        )
     if max_steps is None:
         raise ValueError(
             "SymplecticAdjoint needs `diffeqsolve(..., max_steps=<int>)`: it records "
@@ -251,6 +279,7 @@ def _run_loop(
     args,
     terms,
     fns,
+    event,
     *,
     init_state,
     saveat,
@@ -297,6 +326,7 @@ def _run_loop(
     final_state, aux_stats = private.loop(
         args=args,
         terms=terms,
+        event=event,
         init_state=init_state,
         saveat=saveat,
         max_steps=max_steps,
@@ -382,7 +412,7 @@ def _symplectic_loop_bwd(
     step_ts, step_ends, step_ys, num_steps, num_ts_saved = residuals
     if step_ends is None:
         step_ends = step_ts
-    y0, args, terms, fns = inputs
+    y0, args, terms, fns, event = inputs
     # Everything differentiable: args, the terms' parameters, and those of each `fn`.
     params, static = eqx.partition((args, terms, fns), eqx.is_inexact_array)
 
@@ -586,7 +616,9 @@ def _symplectic_loop_bwd(
         if out.t0 or out.num_ts:
             y_bar, params_bar = pull_value_if(True, out, t0, y0, g, params_bar)
             y0_bar = _add(y0_bar, y_bar)
-    return jtu.tree_map(_first_order_only, (y0_bar, *params_bar))
+    # (`None`: a symbolic zero for each of the event's parameters.)
+    event_bar = jtu.tree_map(lambda _: None, eqx.filter(event, eqx.is_inexact_array))
+    return (*jtu.tree_map(_first_order_only, (y0_bar, *params_bar)), event_bar)
 
 
 def _identity(y):
