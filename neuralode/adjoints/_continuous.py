@@ -10,6 +10,7 @@ tolerances of both solves.
 import diffrax
 
 from ._closure import closure_convert_terms
+from ._times import constant_times
 
 
 class ContinuousAdjoint(diffrax.AbstractAdjoint):
@@ -23,7 +24,8 @@ class ContinuousAdjoint(diffrax.AbstractAdjoint):
         ...)` builds one from tolerances.
 
     Like `diffrax.BacksolveAdjoint`, it does not compute gradients with respect to
-    `t0`, `t1` or the save times (Equinox raises "Unexpected tangent").
+    `t0`, `t1`, `dt0` or the save times: differentiating through them raises
+    `NotImplementedError`.
 
     ??? cite "References"
 
@@ -54,8 +56,16 @@ class ContinuousAdjoint(diffrax.AbstractAdjoint):
                 f"{self.backsolve!r}."
             )
 
-    def loop(self, *, terms, args, init_state, **kwargs):
+    def loop(self, *, terms, args, init_state, t0, t1, dt0, saveat, **kwargs):
+        t0, t1, dt0, saveat = constant_times("ContinuousAdjoint", t0, t1, dt0, saveat)
         terms = closure_convert_terms(terms, init_state.tprev, init_state.y, args)
         return self.backsolve.loop(
-            terms=terms, args=args, init_state=init_state, **kwargs
+            terms=terms,
+            args=args,
+            init_state=init_state,
+            t0=t0,
+            t1=t1,
+            dt0=dt0,
+            saveat=saveat,
+            **kwargs,
         )

@@ -34,6 +34,7 @@ import jax.tree_util as jtu
 from . import _diffrax_private as private
 from ._closure import closure_convert_event, closure_convert_fn, closure_convert_terms
 from ._tableau import explicit_tableau, pullback_stages, recompute_stages
+from ._times import constant_times
 
 _lax_while_loop = ft.partial(eqxi.while_loop, kind="lax")
 
@@ -80,7 +81,7 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         `SaveAt(controller_state=True)`, a passed `solver_state` and
         `max_steps=None` are refused with an error that names an alternative.
         Gradients with respect to `t0`, `t1`, `dt0` or `SaveAt(ts=...)` are not
-        computed: Equinox raises "Unexpected tangent" (use
+        computed: differentiating through them raises `NotImplementedError` (use
         `diffrax.RecursiveCheckpointAdjoint()` for those). Arrays the vector field
         closes over are differentiated like parameters held in `terms`.
 
@@ -118,6 +119,9 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         solver,
         event,
         saveat,
+        t0,
+        t1,
+        dt0,
         max_steps,
         throw,
         init_state,
@@ -127,6 +131,7 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     ):
         del throw
         _check_supported(terms, solver, event, saveat, max_steps, passed_solver_state)
+        t0, t1, dt0, saveat = constant_times("SymplecticAdjoint", t0, t1, dt0, saveat)
         y0 = init_state.y
         t = init_state.tprev
         # An event's `cond_fn` may close over parameters too (e.g. a threshold); the
@@ -137,8 +142,14 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
             t,
             y0,
             args,
-            **dict(terms=terms, solver=solver, saveat=saveat, max_steps=max_steps),
-            **{k: kwargs[k] for k in ("t0", "t1", "dt0", "stepsize_controller")},
+            terms=terms,
+            solver=solver,
+            t0=t0,
+            t1=t1,
+            dt0=dt0,
+            saveat=saveat,
+            stepsize_controller=kwargs["stepsize_controller"],
+            max_steps=max_steps,
         )
         terms = closure_convert_terms(terms, t, y0, args)
         # Each `SaveAt(fn=...)` is differentiated too (it may hold or close over
@@ -160,6 +171,9 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
             (y0, args, terms, fns, event),
             solver=solver,
             saveat=saveat,
+            t0=t0,
+            t1=t1,
+            dt0=dt0,
             max_steps=max_steps,
             init_state=init_state,
             **kwargs,
