@@ -16,14 +16,10 @@ uses Diffrax's public API. What is borrowed, and why:
 
 from diffrax._adjoint import (
     _nondiff_solver_controller_state as nondiff_solver_controller_state,
-)
-from diffrax._adjoint import (
     _only_transpose_ys as only_transpose_ys,
 )
-from diffrax._heuristics import is_sde as is_sde
-from diffrax._heuristics import is_unsafe_sde as is_unsafe_sde
-from diffrax._integrate import SaveState as SaveState
-from diffrax._integrate import loop as loop
+from diffrax._heuristics import is_sde as is_sde, is_unsafe_sde as is_unsafe_sde
+from diffrax._integrate import SaveState as SaveState, loop as loop
 from diffrax._saveat import save_y as save_y
 
 __all__ = [
