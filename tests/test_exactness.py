@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
+import optimistix as optx
 import pytest
 from helpers import RK4, assert_tree_allclose, scalar_loss, small_problem, solve
 
@@ -158,24 +159,32 @@ def test_saveat_steps_fn_and_subs(getkey):
     assert jnp.all(grad[2][1] != 0)  # the parameter of `fn` gets its gradient
 
 
-@pytest.mark.parametrize("stopped_by", ["max_steps", "event"])
+@pytest.mark.parametrize("stopped_by", ["max_steps", "event", "event-root"])
 def test_solve_stopped_early(stopped_by, getkey):
     # A solve that runs out of steps (with throw=False) or whose event triggers saves
     # only the ts it reached, then y at the time reached in the t1 slot right after.
     y0, args, field = small_problem(getkey())
     weights = jnp.arange(1.0, 6.0)[:, None]  # tells the slots apart
+    solver = diffrax.Tsit5() if stopped_by == "event-root" else diffrax.Euler()
 
     def loss(inp, adjoint):
         y0, args, field = inp
+        # The conditions close over a differentiated input.
         if stopped_by == "event":
-            # Triggers at the end of the step where t * args crosses 0.3 (t = 0.5);
-            # the condition closes over a differentiated input.
+            # Triggers at the end of the step where t * args crosses 0.3 (t = 0.5).
             stop = dict(event=diffrax.Event(lambda t, y, a, **kw: t * args - 0.3))
+        elif stopped_by == "event-root":
+            # Stops where the condition is zero inside a step (t* near 0.36), found
+            # on the step's interpolation; t* depends on y and args.
+            # (Diffrax passes `args` by name, so the closure reads it from `inp`.)
+            condition = lambda t, y, args, **kw: t * inp[1] - 0.3 + 0.1 * y[0]
+            root_finder = optx.Newton(rtol=1e-10, atol=1e-10)
+            stop = dict(event=diffrax.Event(condition, root_finder))
         else:
             stop = dict(max_steps=4, throw=False)
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(lambda t, y, a: a * field(t, y)),
-            diffrax.Euler(),
+            solver,
             0.0,
             1.0,
             0.1,
@@ -186,7 +195,9 @@ def test_solve_stopped_early(stopped_by, getkey):
             **{"max_steps": 64, **stop},
         )
         ys = jnp.where(jnp.isfinite(sol.ys), sol.ys, 0.0)
-        return scalar_loss(weights * ys), (sol.result, sol.ts)
+        # The event time t* is saved in `sol.ts`, and differentiable.
+        ts = jnp.where(jnp.isfinite(sol.ts), sol.ts, 0.0)
+        return scalar_loss(weights * ys) + jnp.sum(ts**2), (sol.result, sol.ts)
 
     @eqx.filter_jit
     def run(inp):
@@ -199,6 +210,10 @@ def test_solve_stopped_early(stopped_by, getkey):
     if stopped_by == "event":
         assert result == diffrax.RESULTS.event_occurred
         assert jnp.allclose(ts[3], 0.5) and not jnp.isfinite(ts[4])  # t1 slot: 3
+    elif stopped_by == "event-root":
+        assert result == diffrax.RESULTS.event_occurred
+        assert 0.25 < ts[2] < 0.5 and not jnp.isfinite(ts[3])  # t1 slot: 2
+        assert abs(10 * ts[2] - jnp.round(10 * ts[2])) > 1e-3  # not a step end
     else:
         assert result == diffrax.RESULTS.max_steps_reached
     for grad, _ in results:

@@ -61,10 +61,11 @@ REFUSED = {
     "half-solver": dict(
         solver=diffrax.HalfSolver(diffrax.Tsit5()), stepsize_controller=PID
     ),
-    "event-root-finder": dict(
+    "event-root-finder-steps": dict(
         event=diffrax.Event(
             lambda t, y, args, **kwargs: y[0], optx.Newton(rtol=1e-6, atol=1e-6)
-        )
+        ),
+        saveat=diffrax.SaveAt(steps=True),
     ),
     "max-steps-none": dict(max_steps=None),
     "unsafe-brownian": dict(solver=diffrax.Heun(), terms=_unsafe_sde_terms()),

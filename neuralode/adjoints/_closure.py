@@ -74,15 +74,15 @@ class _CondFn(eqx.Module):
 
 
 def closure_convert_event(event: diffrax.Event | None, t, y, args, **kwargs):
-    """`event` with each `cond_fn` closure-converted if it closes over tracers, its
-    keyword arguments (`terms`, `solver`, `t0`, ... as Diffrax passes them) bound."""
+    """`event` with each `cond_fn` closure-converted for inputs shaped like
+    `(t, y, args)`, its keyword arguments (`terms`, `solver`, `t0`, ... as Diffrax
+    passes them) bound: every array it uses is then a leaf of the event."""
     if event is None:
         return None
 
     def convert(cond_fn):
         bound = ft.partial(cond_fn, **kwargs)
-        converted = _convert(bound, (cond_fn, kwargs), t, y, args)
-        return cond_fn if converted is None else _CondFn(converted)
+        return _CondFn(eqx.filter_closure_convert(bound, t, y, args))
 
     cond_fns = jtu.tree_map(convert, event.cond_fn, is_leaf=callable)
     return eqx.tree_at(lambda e: e.cond_fn, event, cond_fns)

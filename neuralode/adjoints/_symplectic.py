@@ -13,8 +13,10 @@ method paired with the forward solver (Sanz-Serna 2016; Matsubara, Miyatake & Ya
   that of any `SaveAt(ts=...)` save inside the step back through Diffrax's
   interpolation (each through its `SaveAt(fn=...)`, whose VJP also gives ∂L/∂args and
   the cotangent of what `fn` holds), and add the cotangent of the step's dense output
-  (y_n, y_{n+1}, k_1..k_s) to those of y_n, λ and the stages; then run the s VJPs of
-  f one at a time, so that only one evaluation of f has live activations (m·d).
+  (y_n, y_{n+1}, k_1..k_s) to those of y_n, λ and the stages, and in the last step
+  that of an event time found by a root finder (implicit function theorem); then run
+  the s VJPs of f one at a time, so that only one evaluation of f has live
+  activations (m·d).
 
 The accepted step sizes are constants of the discretisation (Diffrax's adaptive
 controllers stop gradients through their error estimates), so the result equals
@@ -64,10 +66,13 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     Compute: each step's stages are evaluated three times (forward, recompute, and
     inside their VJP).
 
-    An `event` without a root finder stops the solve at the end of the step on which
-    it triggers; the gradient is then that of the steps taken, as with
-    `diffrax.RecursiveCheckpointAdjoint`. Which step that is does not change under a
-    small perturbation, so arrays the condition closes over get a zero gradient.
+    Events: without a root finder the solve stops at the end of the step on which the
+    event triggers, and the gradient is that of the steps taken (which step that is
+    does not change under a small perturbation). With a root finder it stops at the
+    event time t*, found on the last step's interpolation, and t* (saved in `sol.ts`)
+    is differentiated too, through the condition and whatever it closes over; that
+    needs `SaveAt` of `t0`, `t1` and `ts` only (Diffrax rewrites the last step's
+    `steps` and dense saves after the root find).
 
     !!! warning
 
@@ -76,8 +81,9 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         differentiating the gradient again (a Hessian) raises `NotImplementedError`.
         Use `diffrax.ForwardMode()` or `diffrax.DirectAdjoint()` (or
         `neuralode.BackpropAdjoint()`) for forward mode and second derivatives.
-        Events with a root finder, implicit solvers, solvers that override
-        Diffrax's RK step, `SaveAt(solver_state=True)`,
+        Events with a root finder beside `SaveAt(steps=...)` or
+        `SaveAt(dense=True)`, implicit solvers, solvers that override Diffrax's RK
+        step, `SaveAt(solver_state=True)`,
         `SaveAt(controller_state=True)`, a passed `solver_state` and
         `max_steps=None` are refused with an error that names an alternative.
         Gradients with respect to `t0`, `t1`, `dt0` or `SaveAt(ts=...)` are not
@@ -134,9 +140,8 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         t0, t1, dt0, saveat = constant_times("SymplecticAdjoint", t0, t1, dt0, saveat)
         y0 = init_state.y
         t = init_state.tprev
-        # An event's `cond_fn` may close over parameters too (e.g. a threshold); the
-        # step on which it triggers does not depend on them differentiably, so they
-        # travel as inputs whose cotangent is zero.
+        # An event's `cond_fn` may close over parameters too (e.g. a threshold), which
+        # the event time found by a root finder depends on.
         event = closure_convert_event(
             event,
             t,
@@ -179,6 +184,9 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
             **kwargs,
         )
         transposed = private.only_transpose_ys(final_state)
+        if _finds_root(event):
+            # The event time, saved as the last `ts` entry, depends on the parameters.
+            transposed = eqx.tree_at(_save_ts, transposed, _save_ts(final_state))
         if saveat.dense:
             # Dense output is pulled back too: each step's (y0, y1, k) is a function
             # of the step's start and stages.
@@ -197,12 +205,12 @@ def _refuse(what: str, instead: str) -> NotImplementedError:
 def _check_supported(terms, solver, event, saveat, max_steps, passed_solver_state):
     """Refuse, at trace time, everything this adjoint would not differentiate exactly."""
     rca = "`adjoint=diffrax.RecursiveCheckpointAdjoint()`"
-    if event is not None and event.root_finder is not None:
-        # The event time would then depend on the parameters through the root find.
+    if _finds_root(event) and (saveat.dense or any(sub.steps for sub in _subs(saveat))):
+        # Diffrax then rewrites the last step's saves after the root find.
         raise _refuse(
-            "events with a root finder (`diffrax.Event(..., root_finder=...)`)",
-            f"`root_finder=None` (the solve stops at the end of the step on which the "
-            f"event triggers) or {rca}",
+            "an event with a root finder together with `SaveAt(steps=...)` or "
+            "`SaveAt(dense=True)`",
+            f"`SaveAt(t0=..., t1=..., ts=...)`, `root_finder=None` or {rca}",
         )
     if max_steps is None:
         raise ValueError(
@@ -229,6 +237,16 @@ def _check_supported(terms, solver, event, saveat, max_steps, passed_solver_stat
         raise _refuse(
             "a passed `solver_state` (it recomputes each step from its start)", rca
         )
+
+
+def _finds_root(event) -> bool:
+    return event is not None and event.root_finder is not None
+
+
+def _save_ts(state) -> list:
+    """The `ts` of each of the solve's outputs."""
+    is_save_state = lambda x: isinstance(x, private.SaveState)
+    return [s.ts for s in jtu.tree_leaves(state.save_state, is_leaf=is_save_state)]
 
 
 def _is_subsaveat(x) -> bool:
@@ -379,12 +397,34 @@ def _symplectic_loop_fwd(perturbed, inputs, *, saveat, **kwargs):
         *inputs, record=True, saveat=saveat, **kwargs
     )
     # How many of each output's `ts` were saved: all, unless the solve stopped early
-    # (`throw=False`).
+    # (`throw=False`, an event).
     num_ts_saved = tuple(
         save_state.saveat_ts_index
         for save_state in _per_sub(saveat, final_state.save_state)
     )
-    residuals = (steps.ts, step_ends, steps.ys, steps.save_index, num_ts_saved)
+    num_steps = steps.save_index
+    step_ts, step_ys = steps.ts, steps.ys
+    event_root = None
+    if _finds_root(inputs[4]):
+        # Diffrax has replaced the record of the last step by the save at the event
+        # time (t*, y*), or repeated it after the last step if no event happened. The
+        # step itself is restored from the event's record of it.
+        num_steps = final_state.num_accepted_steps
+        last = jnp.maximum(num_steps - 1, 0)
+        star = jnp.maximum(steps.save_index - 1, 0)
+        event_root = (
+            steps.ts[star],
+            _index(steps.ys, star),
+            ft.reduce(jnp.logical_or, jtu.tree_leaves(final_state.event_mask)),
+            final_state.event_mask,
+        )
+        step_ts = step_ts.at[last].set(final_state.event_tnext)
+        step_ys = jtu.tree_map(
+            lambda buf, y1: buf.at[last].set(y1),
+            step_ys,
+            final_state.event_dense_info["y1"],
+        )
+    residuals = (step_ts, step_ends, step_ys, num_steps, num_ts_saved, event_root)
     return (final_state, aux_stats), residuals
 
 
@@ -423,15 +463,16 @@ def _symplectic_loop_bwd(
 ):
     del perturbed, kwargs
     tableau = explicit_tableau(solver)
-    step_ts, step_ends, step_ys, num_steps, num_ts_saved = residuals
+    step_ts, step_ends, step_ys, num_steps, num_ts_saved, event_root = residuals
     if step_ends is None:
         step_ends = step_ts
     y0, args, terms, fns, event = inputs
-    # Everything differentiable: args, the terms' parameters, and those of each `fn`.
-    params, static = eqx.partition((args, terms, fns), eqx.is_inexact_array)
+    # Everything differentiable: args, the terms' parameters, those of each `fn` and
+    # those of the event's condition.
+    params, static = eqx.partition((args, terms, fns, event), eqx.is_inexact_array)
 
     def vf_prod(params, t, y, t_start, t_end):
-        _args, _terms, _ = eqx.combine(params, static)
+        _args, _terms, _, _ = eqx.combine(params, static)
         return _terms.vf_prod(t, y, _args, _terms.contr(t_start, t_end))
 
     # y_{n+1} may not need the last stage (FSAL); interpolating a save needs every one.
@@ -460,19 +501,25 @@ def _symplectic_loop_bwd(
     dense_bar = grad_final_state__aux_stats[0].dense_infos if saveat.dense else None
     if not jtu.tree_leaves(dense_bar):
         dense_bar = None
-    every_stage = bool(saves_ts) or dense_bar is not None
+    # Interpolation (of saves, of dense output, to the event time) needs every stage.
+    every_stage = bool(saves_ts) or dense_bar is not None or event_root is not None
     num_stages = tableau.num_stages if every_stage else solution_stages
 
-    def pull_value(out, t, y_of, primals, g, params_bar):
+    def pull_value(out, t, y_of, primals, g, params_bar, of_t=False):
         """Cotangents of `primals` from the cotangent `g` of the saved value
         `fn(t, y_of(*primals), args)` of `out`; those of `args` and of `fn` are added to
-        `params_bar`."""
+        `params_bar`. With `of_t`, `t` is the first of `primals`, a variable too."""
         if out.saves_y:
+            if of_t:  # y_of(t, y) = y
+                return (jnp.zeros_like(t), g), params_bar
             _, vjp = jax.vjp(y_of, *primals)
             return vjp(g), params_bar
 
         def value(params, *primals):
-            _args, _, _fns = eqx.combine(params, static)
+            _args, _, _fns, _ = eqx.combine(params, static)
+            if of_t:
+                t_, *primals = primals
+                return _fns[out.index](t_, y_of(*primals), _args)
             return _fns[out.index](t, y_of(*primals), _args)
 
         _, vjp = jax.vjp(value, params, *primals)
@@ -491,6 +538,50 @@ def _symplectic_loop_bwd(
             params_bar,
         )
 
+    def pull_event_time(
+        t_start, t_end, y_start, y_end, ks, y_start_bar, lam, k_bar, params_bar
+    ):
+        """Add the cotangents of y* = y(t*) and of the event time t* to those of the
+        last step's (y_n, y_{n+1}, k) and of the parameters θ. y* is interpolated in
+        the step, and t* is a root of the triggered condition φ(t) = c(t, y(t)) there,
+        so dt* = -(∂φ/∂(y_n, y_{n+1}, k, θ)) / (∂φ/∂t) (implicit function theorem)."""
+
+        def y_at(t, y_start, y_end, ks):
+            return interpolate(t_start, t_end, y_start, y_end, ks, t)
+
+        def condition(t, y_start, y_end, ks, params):
+            _args, _, _, _event = eqx.combine(params, static)
+            y = y_at(t, y_start, y_end, ks)
+            cond_fns = jtu.tree_leaves(_event.cond_fn, is_leaf=callable)
+            value = 0.0
+            for mask, cond_fn in zip(
+                jtu.tree_leaves(event_mask), cond_fns, strict=True
+            ):
+                value_i = cond_fn(t, y, _args)
+                if jnp.issubdtype(jnp.result_type(value_i), jnp.bool_):
+                    value_i = t_end - t  # Diffrax's root for a boolean condition
+                value = value + jnp.where(mask, value_i, 0.0)
+            return value
+
+        primals = (y_start, y_end, ks)
+        _, y_at_vjp = jax.vjp(y_at, t_star, *primals)
+        t_bar, *y_at_bar = y_at_vjp(y_star_bar)
+        d_condition_dt = jax.grad(condition)(t_star, *primals, params)
+        value, condition_vjp = jax.vjp(
+            lambda *args: condition(t_star, *args), *primals, params
+        )
+        dt_star_bar = -(t_star_bar + t_bar) / d_condition_dt
+        *condition_bar, params_bar_condition = condition_vjp(
+            dt_star_bar.astype(value.dtype)
+        )
+        y_start_bar, lam, k_bar = (
+            _add(_add(a, b), c)
+            for a, b, c in zip(
+                (y_start_bar, lam, k_bar), y_at_bar, condition_bar, strict=True
+            )
+        )
+        return y_start_bar, lam, k_bar, _add(params_bar, params_bar_condition)
+
     def step_back(carry):
         n, ts_indices, lam, params_bar = carry
         prev = jnp.maximum(n - 1, 0)
@@ -505,7 +596,7 @@ def _symplectic_loop_bwd(
         def has_save(out, j):
             return (j >= 0) & ((out.ts[jnp.maximum(j, 0)] > t_start) | (n == 0))
 
-        if dense_bar is not None:
+        if dense_bar is not None or event_root is not None:
             num_pulled = num_computed = num_stages
         elif saves_ts:
             saves_here = ft.reduce(
@@ -535,6 +626,16 @@ def _symplectic_loop_bwd(
             lam = _add_cotangent(lam, info_bar["y1"])
             if "k" in info_bar:  # Euler's has none
                 k_bar = _add_cotangent(k_bar, info_bar["k"])
+        if event_root is not None:
+            y_start_bar, lam, k_bar, params_bar = lax.cond(
+                event_happened & (n == num_steps - 1),
+                ft.partial(pull_event_time, t_start, t_end, y_start, y_end, ks),
+                lambda *cotangents: cotangents,
+                y_start_bar,
+                lam,
+                k_bar,
+                params_bar,
+            )
         ts_indices = list(ts_indices)
         for out in outputs:
             if out.steps:
@@ -608,14 +709,37 @@ def _symplectic_loop_bwd(
     )
     lam = jtu.tree_map(jnp.zeros_like, y0)
     params_bar = jtu.tree_map(jnp.zeros_like, params)
-    for out in outputs:
-        if out.t1 and out.steps != 1:
-            is_saved = True if not out.steps else num_steps % out.steps != 0
-            g = out.cotangent(num_ts_saved[out.index], num_steps)
-            y_bar, params_bar = pull_value_if(
-                is_saved, out, t_final, y_final, g, params_bar
+    if event_root is None:
+        for out in outputs:
+            if out.t1 and out.steps != 1:
+                is_saved = True if not out.steps else num_steps % out.steps != 0
+                g = out.cotangent(num_ts_saved[out.index], num_steps)
+                y_bar, params_bar = pull_value_if(
+                    is_saved, out, t_final, y_final, g, params_bar
+                )
+                lam = _add(lam, y_bar)
+    else:
+        # The t1 saves are made at the event time t* (or at the end, if no event
+        # happened): y* = y(t*) interpolated in the last step.
+        t_star, y_star, event_happened, event_mask = event_root
+        t_star = jnp.where(has_steps, t_star, t0)
+        y_star = jtu.tree_map(lambda a, b: jnp.where(has_steps, b, a), y0, y_star)
+        t_star_bar = jnp.zeros_like(t_star)
+        y_star_bar = jtu.tree_map(jnp.zeros_like, y0)
+        for out, grad in zip(outputs, grad_saved, strict=True):
+            if not out.t1:
+                continue
+            slot = out.t0 + num_ts_saved[out.index]
+            g = _index(out.grad_ys, slot)
+            (t_bar, y_bar), params_bar = pull_value(
+                out, t_star, _identity, (t_star, y_star), g, params_bar, of_t=True
             )
-            lam = _add(lam, y_bar)
+            if grad.ts is not None:  # the event time itself, as `sol.ts`
+                t_bar = t_bar + grad.ts[slot]
+            t_star_bar = t_star_bar + t_bar
+            y_star_bar = _add(y_star_bar, y_bar)
+        # Without an event, y* is the last step's end.
+        lam = jtu.tree_map(lambda b: jnp.where(event_happened, 0, b), y_star_bar)
 
     carry = (num_steps - 1, tuple(n - 1 for n in num_ts_saved), lam, params_bar)
     _, _, y0_bar, params_bar = lax.while_loop(lambda c: c[0] >= 0, step_back, carry)
@@ -630,9 +754,7 @@ def _symplectic_loop_bwd(
         if out.t0 or out.num_ts:
             y_bar, params_bar = pull_value_if(True, out, t0, y0, g, params_bar)
             y0_bar = _add(y0_bar, y_bar)
-    # (`None`: a symbolic zero for each of the event's parameters.)
-    event_bar = jtu.tree_map(lambda _: None, eqx.filter(event, eqx.is_inexact_array))
-    return (*jtu.tree_map(_first_order_only, (y0_bar, *params_bar)), event_bar)
+    return jtu.tree_map(_first_order_only, (y0_bar, *params_bar))
 
 
 def _identity(y):
