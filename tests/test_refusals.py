@@ -109,6 +109,21 @@ def test_accepted_inputs_trace():
         out = jax.eval_shape(jax.grad(loss), Y0)
         assert out.shape == (3,)
 
+    # An event condition that reads Diffrax's keyword arguments gets the solve's own.
+    def condition(t, y, args, saveat, stepsize_controller, **kwargs):
+        return t > saveat.subs.ts[1] + stepsize_controller.jump_ts[0]
+
+    controller = diffrax.ClipStepSizeController(PID, jump_ts=jnp.array([0.1]))
+    event_loss = lambda y0: jnp.sum(
+        _solve(
+            y0,
+            saveat=diffrax.SaveAt(ts=jnp.array([0.25, 0.5])),
+            event=diffrax.Event(condition),
+            stepsize_controller=controller,
+        )
+    )
+    assert jax.eval_shape(jax.grad(event_loss), Y0).shape == (3,)
+
     # Dense output alone: a SaveAt without any other save.
     def dense_loss(y0):
         sol = diffrax.diffeqsolve(
@@ -129,13 +144,19 @@ def test_accepted_inputs_trace():
 
 @pytest.mark.parametrize("adjoint", ["symplectic", "continuous"])
 def test_time_gradients_are_refused_not_zero(adjoint):
-    # t0, t1, dt0 and the save times are not inputs of the custom VJP: a clear error at
-    # trace time, never a silent zero.
+    # The times are not inputs of the custom VJP: a clear error at trace time, never a
+    # silent zero.
     field = neuralode.MLPField(3, 4, 1, key=jax.random.PRNGKey(0))
 
     def loss(time, what):
-        times = dict(t0=0.0, t1=1.0, dt0=0.1, ts=jnp.array([0.5, 1.0]))
-        times[what] = time if what != "ts" else times["ts"] * time
+        times = dict(t0=0.0, t1=1.0, dt0=None, ts=jnp.array([0.5, 1.0]))
+        times.update(step_ts=jnp.array([0.3]), jump_ts=jnp.array([0.6]))
+        times[what] = time * (
+            times[what] if what in ("ts", "step_ts", "jump_ts") else 1
+        )
+        controller = diffrax.ClipStepSizeController(
+            PID, step_ts=times["step_ts"], jump_ts=times["jump_ts"]
+        )
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(field),
             diffrax.Tsit5(),
@@ -144,6 +165,7 @@ def test_time_gradients_are_refused_not_zero(adjoint):
             times["dt0"],
             Y0,
             saveat=diffrax.SaveAt(ts=times["ts"]),
+            stepsize_controller=controller,
             max_steps=16,
             adjoint=neuralode.get_adjoint(adjoint),
         )
@@ -154,10 +176,34 @@ def test_time_gradients_are_refused_not_zero(adjoint):
         ("t1", 1.0, "`t1`"),
         ("dt0", 0.1, "`dt0`"),
         ("ts", 1.0, "save times"),
+        ("step_ts", 1.0, "`step_ts`"),
+        ("jump_ts", 1.0, "`jump_ts`"),
     ]:
         with pytest.raises(NotImplementedError, match=name) as error:
             jax.eval_shape(jax.grad(lambda t, w=what: loss(t, w)), value)
         assert "RecursiveCheckpointAdjoint" in str(error.value)
+
+
+def test_continuous_refuses_a_control_paths_gradient():
+    # diffrax.BacksolveAdjoint would return zero for a neural CDE's coefficients.
+    ts = jnp.linspace(0.0, 1.0, 5)
+    data = jnp.stack([ts, jnp.sin(3 * ts)], axis=-1)
+    vf = lambda t, y, args: jnp.tanh(jnp.outer(y, jnp.ones(2)))
+
+    def loss(coeffs, adjoint):
+        control = diffrax.CubicInterpolation(ts, coeffs)
+        term = diffrax.ControlTerm(vf, control)
+        sol = diffrax.diffeqsolve(
+            term, diffrax.Tsit5(), 0.0, 1.0, 0.1, Y0, adjoint=adjoint, max_steps=16
+        )
+        return jnp.sum(sol.ys)
+
+    coeffs = diffrax.backward_hermite_coefficients(ts, data)
+    with pytest.raises(NotImplementedError, match="control path"):
+        jax.eval_shape(jax.grad(loss), coeffs, neuralode.ContinuousAdjoint())
+    # The symplectic adjoint differentiates it.
+    grad = jax.eval_shape(jax.grad(loss), coeffs, neuralode.SymplecticAdjoint())
+    assert jax.tree_util.tree_structure(grad) == jax.tree_util.tree_structure(coeffs)
 
 
 def _sde_terms():

@@ -8,12 +8,12 @@ from ._continuous import ContinuousAdjoint as ContinuousAdjoint
 from ._symplectic import SymplecticAdjoint as SymplecticAdjoint
 
 
-def _backprop(**options) -> diffrax.AbstractAdjoint:
+def _make_backprop(**options) -> diffrax.AbstractAdjoint:
     _check_options("backprop", options, ())
     return BackpropAdjoint()
 
 
-def _symplectic(**options) -> diffrax.AbstractAdjoint:
+def _make_symplectic(**options) -> diffrax.AbstractAdjoint:
     _check_options("symplectic", options, ())
     return SymplecticAdjoint()
 
@@ -29,7 +29,7 @@ _CONTINUOUS_OPTIONS = (
 )
 
 
-def _continuous(**options) -> diffrax.AbstractAdjoint:
+def _make_continuous(**options) -> diffrax.AbstractAdjoint:
     """`diffrax.BacksolveAdjoint` (inside `ContinuousAdjoint`). `rtol`/`atol` set a `PIDController` for the backward
     solve; `seminorm=True` measures its error only on the state and adjoint state, not on
     the parameter cotangents (Kidger, Chen & Lyons 2021), which needs `rtol` and `atol`.
@@ -75,9 +75,9 @@ def _check_options(name: str, options: dict, valid: tuple[str, ...]) -> None:
 
 
 _REGISTRY = {
-    "backprop": _backprop,
-    "continuous": _continuous,
-    "symplectic": _symplectic,
+    "backprop": _make_backprop,
+    "continuous": _make_continuous,
+    "symplectic": _make_symplectic,
 }
 
 ADJOINT_NAMES: tuple[str, ...] = tuple(_REGISTRY)

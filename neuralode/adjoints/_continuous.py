@@ -10,7 +10,7 @@ tolerances of both solves.
 import diffrax
 
 from ._closure import closure_convert_terms
-from ._times import constant_times
+from ._constant_inputs import constant_paths, constant_times
 
 
 class ContinuousAdjoint(diffrax.AbstractAdjoint):
@@ -24,7 +24,9 @@ class ContinuousAdjoint(diffrax.AbstractAdjoint):
         ...)` builds one from tolerances.
 
     Like `diffrax.BacksolveAdjoint`, it does not compute gradients with respect to
-    `t0`, `t1`, `dt0` or the save times: differentiating through them raises
+    `t0`, `t1`, `dt0`, the save times, `step_ts`, `jump_ts` or the data of a control
+    path (a neural CDE's interpolation coefficients, for which
+    `diffrax.BacksolveAdjoint` returns zero): differentiating through them raises
     `NotImplementedError`.
 
     ??? cite "References"
@@ -56,8 +58,14 @@ class ContinuousAdjoint(diffrax.AbstractAdjoint):
                 f"{self.backsolve!r}."
             )
 
-    def loop(self, *, terms, args, init_state, t0, t1, dt0, saveat, **kwargs):
-        t0, t1, dt0, saveat = constant_times("ContinuousAdjoint", t0, t1, dt0, saveat)
+    def loop(
+        self, *, terms, args, init_state, t0, t1, dt0, saveat, stepsize_controller, **kw
+    ):
+        name = "ContinuousAdjoint"
+        t0, t1, dt0, saveat, stepsize_controller = constant_times(
+            name, t0, t1, dt0, saveat, stepsize_controller
+        )
+        terms = constant_paths(name, terms)
         terms = closure_convert_terms(terms, init_state.tprev, init_state.y, args)
         return self.backsolve.loop(
             terms=terms,
@@ -67,5 +75,6 @@ class ContinuousAdjoint(diffrax.AbstractAdjoint):
             t1=t1,
             dt0=dt0,
             saveat=saveat,
-            **kwargs,
+            stepsize_controller=stepsize_controller,
+            **kw,
         )

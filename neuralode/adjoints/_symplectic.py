@@ -35,8 +35,8 @@ import jax.tree_util as jtu
 
 from . import _diffrax_private as private
 from ._closure import closure_convert_event, closure_convert_fn, closure_convert_terms
+from ._constant_inputs import constant_times
 from ._tableau import explicit_tableau, pullback_stages, recompute_stages
-from ._times import constant_times
 
 _lax_while_loop = ft.partial(eqxi.while_loop, kind="lax")
 
@@ -86,8 +86,9 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         step, `SaveAt(solver_state=True)`,
         `SaveAt(controller_state=True)`, a passed `solver_state` and
         `max_steps=None` are refused with an error that names an alternative.
-        Gradients with respect to `t0`, `t1`, `dt0` or `SaveAt(ts=...)` are not
-        computed: differentiating through them raises `NotImplementedError` (use
+        Gradients with respect to `t0`, `t1`, `dt0`, `SaveAt(ts=...)`, `step_ts` or
+        `jump_ts` are not computed: differentiating through them raises
+        `NotImplementedError` (use
         `diffrax.RecursiveCheckpointAdjoint()` for those). Arrays the vector field
         closes over are differentiated like parameters held in `terms`.
 
@@ -137,7 +138,9 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     ):
         del throw
         _check_supported(terms, solver, event, saveat, max_steps, passed_solver_state)
-        t0, t1, dt0, saveat = constant_times("SymplecticAdjoint", t0, t1, dt0, saveat)
+        t0, t1, dt0, saveat, kwargs["stepsize_controller"] = constant_times(
+            "SymplecticAdjoint", t0, t1, dt0, saveat, kwargs["stepsize_controller"]
+        )
         y0 = init_state.y
         t = init_state.tprev
         # An event's `cond_fn` may close over parameters too (e.g. a threshold), which

@@ -1,0 +1,104 @@
+"""Inputs that a custom-VJP adjoint treats as constants, refused when differentiated.
+
+`SymplecticAdjoint` and `ContinuousAdjoint` differentiate with respect to `y0`, `args`
+and the parameters of the terms. The times (`t0`, `t1`, `dt0`, the save times, a
+controller's `step_ts` and `jump_ts`) are not inputs of their custom VJP:
+differentiating through them makes Equinox raise "Unexpected tangent" deep inside the
+solve. `diffrax.BacksolveAdjoint` also treats the data of a control path (a neural
+CDE's interpolation coefficients) as constant, and returns a zero gradient for it
+without a word. Passed through `constant_times` or `constant_paths` first, each raises
+an error at trace time that names the input and an adjoint that differentiates it.
+"""
+
+import functools as ft
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.tree_util as jtu
+
+_RCA = "`adjoint=diffrax.RecursiveCheckpointAdjoint()`"
+
+
+@ft.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _constant(message: str, x):
+    return x
+
+
+@_constant.defjvp
+def _constant_jvp(message, primals, tangents):
+    # JAX calls this only when `x` is perturbed, and while tracing.
+    raise NotImplementedError(message)
+
+
+def _guard(message: str, x):
+    if not isinstance(x, jax.core.Tracer):
+        return x  # a constant: nothing to differentiate
+    return _constant(message, x)
+
+
+def _guard_time(adjoint: str, what: str, t):
+    if t is None:
+        return None
+    return _guard(
+        f"{adjoint} does not compute gradients with respect to {what}. Use {_RCA} "
+        f"for that gradient, or pass {what} through `jax.lax.stop_gradient` where "
+        "none is wanted.",
+        t,
+    )
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+def constant_times(adjoint: str, t0, t1, dt0, saveat, stepsize_controller):
+    """`(t0, t1, dt0, saveat, stepsize_controller)` unchanged, except that
+    differentiating through any of their times raises a clear error."""
+    t0 = _guard_time(adjoint, "`t0`", t0)
+    t1 = _guard_time(adjoint, "`t1`", t1)
+    dt0 = _guard_time(adjoint, "`dt0`", dt0)
+
+    def guard_ts(sub):
+        ts = _guard_time(adjoint, "the save times `SaveAt(ts=...)`", sub.ts)
+        return eqx.tree_at(lambda s: s.ts, sub, ts, is_leaf=_is_none)
+
+    is_sub = lambda x: isinstance(x, diffrax.SubSaveAt)
+    subs = jtu.tree_map(guard_ts, saveat.subs, is_leaf=is_sub)
+    saveat = eqx.tree_at(lambda s: s.subs, saveat, subs, is_leaf=_is_none)
+    return t0, t1, dt0, saveat, _guard_controller(adjoint, stepsize_controller)
+
+
+def _guard_controller(adjoint: str, controller):
+    if not isinstance(controller, diffrax.ClipStepSizeController):
+        return controller
+    step_ts = _guard_time(adjoint, "`step_ts`", controller.step_ts)
+    jump_ts = _guard_time(adjoint, "`jump_ts`", controller.jump_ts)
+    inner = _guard_controller(adjoint, controller.controller)
+    return eqx.tree_at(
+        lambda c: (c.step_ts, c.jump_ts, c.controller),
+        controller,
+        (step_ts, jump_ts, inner),
+        is_leaf=_is_none,
+    )
+
+
+def constant_paths(adjoint: str, terms):
+    """`terms` unchanged, except that differentiating through the data of a control
+    path (any `diffrax.AbstractPath` inside them) raises a clear error."""
+    message = (
+        f"{adjoint} does not compute gradients with respect to the data of a control "
+        "path (e.g. the interpolation coefficients of a neural CDE): "
+        "diffrax.BacksolveAdjoint would return zero for them. Use "
+        f"`adjoint=neuralode.SymplecticAdjoint()` or {_RCA}, or pass them through "
+        "`jax.lax.stop_gradient` where no gradient is wanted."
+    )
+    is_path = lambda x: isinstance(x, diffrax.AbstractPath)
+
+    def guard_path(x):
+        if not is_path(x):
+            return x
+        guard = lambda leaf: _guard(message, leaf) if eqx.is_array(leaf) else leaf
+        return jtu.tree_map(guard, x)
+
+    return jtu.tree_map(guard_path, terms, is_leaf=is_path)
