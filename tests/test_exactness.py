@@ -260,18 +260,23 @@ def test_vmap_over_members_with_different_step_counts(getkey):
         assert_tree_allclose(grad, ref_grad, RTOL)
 
 
-def test_sde_with_fixed_brownian_path(getkey):
-    # An explicit RK solver over a fixed Brownian path is one more explicit RK solve.
+def test_sde_and_cde_with_fixed_paths(getkey):
+    # An explicit RK solver over fixed control paths (a Brownian path; a neural CDE's
+    # interpolated data, whose coefficients get gradients) is one more explicit RK solve.
     y0, args, field = small_problem(getkey())
     path = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1e-3, shape=(3,), key=getkey())
+    data_ts = jnp.linspace(0.0, 1.0, 6)
+    data = jnp.stack([jnp.sin(3 * data_ts), jnp.cos(data_ts), data_ts**2], axis=-1)
+    coeffs = diffrax.backward_hermite_coefficients(data_ts, data)
 
     def loss(inp, adjoint):
-        y0, args, field = inp
+        y0, args, field, coeffs = inp
+        control = diffrax.CubicInterpolation(data_ts, coeffs)
+        diagonal = lambda f: lambda t, y, a: lx.DiagonalLinearOperator(f(a, y))
         terms = diffrax.MultiTerm(
             diffrax.ODETerm(lambda t, y, a: field(t, y)),
-            diffrax.ControlTerm(
-                lambda t, y, a: lx.DiagonalLinearOperator(a * jnp.tanh(y)), path
-            ),
+            diffrax.ControlTerm(diagonal(lambda a, y: a * jnp.tanh(y)), path),
+            diffrax.ControlTerm(diagonal(lambda a, y: jnp.cos(a * y)), control),
         )
         sol = diffrax.diffeqsolve(
             terms,
@@ -294,7 +299,8 @@ def test_sde_with_fixed_brownian_path(getkey):
             for adjoint in (diffrax.RecursiveCheckpointAdjoint(), *STRATEGIES)
         ]
 
-    ref_grad, *results = run((y0, args, field))
+    ref_grad, *results = run((y0, args, field, coeffs))
+    assert all(jnp.any(c != 0) for c in ref_grad[3])  # the data gets a gradient
     for grad in results:
         assert_tree_allclose(grad, ref_grad, RTOL)
 

@@ -56,7 +56,8 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     gradients), dense output (`SaveAt(dense=True)`, `sol.evaluate(t)`) and
     integration in either direction.
     SDEs solved by an explicit RK solver over a fixed Brownian path (e.g.
-    `diffrax.VirtualBrownianTree`) are covered by the same formula.
+    `diffrax.VirtualBrownianTree`) and neural CDEs (`diffrax.ControlTerm` over an
+    interpolation, whose coefficients get gradients) are covered by the same formula.
 
     Memory: the forward pass stores (t_n, y_n) for `max_steps` steps, so keep
     `max_steps` near the number of steps needed; the backward pass holds one step's
