@@ -548,7 +548,9 @@ def _symplectic_loop_bwd(
         """Add the cotangents of y* = y(t*) and of the event time t* to those of the
         last step's (y_n, y_{n+1}, k) and of the parameters θ. y* is interpolated in
         the step, and t* is a root of the triggered condition φ(t) = c(t, y(t)) there,
-        so dt* = -(∂φ/∂(y_n, y_{n+1}, k, θ)) / (∂φ/∂t) (implicit function theorem)."""
+        so dt* = -(∂φ/∂(y_n, y_{n+1}, k, θ)) / (∂φ/∂t) (implicit function theorem).
+        (t*, the cotangents of y* and t*, and the event's mask are set below, before
+        the loop over the steps runs.)"""
 
         def y_at(t, y_start, y_end, ks):
             return interpolate(t_start, t_end, y_start, y_end, ks, t)
