@@ -171,7 +171,7 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         )
         # The event's first values (at t0) matter only through their signs.
         init_state = eqx.tree_at(
-            lambda s: (s.event_values, s.event_dense_info),
+            lambda s: s.event_values,
             init_state,
             replace_fn=lax.stop_gradient,
             is_leaf=_is_none,
@@ -602,19 +602,23 @@ def _symplectic_loop_bwd(
         def has_save(out, j):
             return (j >= 0) & ((out.ts[jnp.maximum(j, 0)] > t_start) | (n == 0))
 
-        if dense_bar is not None or event_root is not None:
-            num_pulled = num_computed = num_stages
-        elif saves_ts:
-            saves_here = ft.reduce(
-                jnp.logical_or,
-                [has_save(out, ts_indices[out.index]) for out in saves_ts],
-            )
-            num_pulled = jnp.where(saves_here, num_stages, solution_stages)
-            num_computed = jnp.where(saves_here, num_stages, solution_stages - 1)
+        # A step that is interpolated (a save inside it, dense output, the event
+        # time) needs every stage; otherwise y_{n+1} needs `solution_stages`, and
+        # their pullback every k but the last.
+        if dense_bar is not None:
+            interpolated = True
         else:
-            num_pulled = num_stages
-            # The stage pullback needs every k but the last.
-            num_computed = num_stages - 1
+            interpolated = [has_save(out, ts_indices[out.index]) for out in saves_ts]
+            if event_root is not None:
+                interpolated.append(n == num_steps - 1)
+            interpolated = ft.reduce(jnp.logical_or, interpolated, False)
+        if interpolated is True:
+            num_pulled = num_computed = num_stages
+        elif interpolated is False:
+            num_pulled, num_computed = solution_stages, solution_stages - 1
+        else:
+            num_pulled = jnp.where(interpolated, num_stages, solution_stages)
+            num_computed = jnp.where(interpolated, num_stages, solution_stages - 1)
         ks = recompute_stages(
             tableau,
             num_stages,
@@ -735,7 +739,7 @@ def _symplectic_loop_bwd(
         for out, grad in zip(outputs, grad_saved, strict=True):
             if not out.t1:
                 continue
-            slot = out.t0 + num_ts_saved[out.index]
+            slot = out.slot(num_ts_saved[out.index], num_steps)
             g = _index(out.grad_ys, slot)
             (t_bar, y_bar), params_bar = pull_value(
                 out, t_star, _identity, (t_star, y_star), g, params_bar, of_t=True
@@ -791,11 +795,16 @@ class _Output:
             size += 1
         self.grad_ys = _materialise(grad_ys, self.struct, size)
 
+    def slot(self, num_ts_before, num_steps_before):
+        """Where the save made after `num_ts_before` of the `ts` and
+        `num_steps_before` steps is written."""
+        step_saves = num_steps_before // self.steps if self.steps else 0
+        return self.t0 + num_ts_before + step_saves
+
     def cotangent(self, num_ts_before, num_steps_before):
         """The cotangent of the save made after `num_ts_before` of the `ts` and
         `num_steps_before` steps."""
-        step_saves = num_steps_before // self.steps if self.steps else 0
-        return _index(self.grad_ys, self.t0 + num_ts_before + step_saves)
+        return _index(self.grad_ys, self.slot(num_ts_before, num_steps_before))
 
     def ts_cotangent_if(self, pred):
         """The summed cotangents of all the `ts` saves if `pred`, else zeros."""
