@@ -201,7 +201,7 @@ def test_continuous_refuses_a_control_paths_gradient():
     coeffs = diffrax.backward_hermite_coefficients(ts, data)
     with pytest.raises(NotImplementedError, match="control path"):
         jax.eval_shape(jax.grad(loss), coeffs, neuralode.ContinuousAdjoint())
-    # The symplectic adjoint differentiates it.
+    # The symplectic adjoint is not refused (its values: test_exactness, CDE test).
     grad = jax.eval_shape(jax.grad(loss), coeffs, neuralode.SymplecticAdjoint())
     assert jax.tree_util.tree_structure(grad) == jax.tree_util.tree_structure(coeffs)
 
