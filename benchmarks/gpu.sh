@@ -9,9 +9,8 @@
 # report.py gets what is left of TOTAL_S seconds (default 460) as its time budget, stops
 # starting new configurations at it and lists what it skipped. Device peaks are measured
 # by report.py itself in fresh processes, one per configuration, each in a preallocated
-# pool and with
-# XLA_FLAGS=--xla_gpu_autotune_level=0; timings run in the main process with autotuning
-# on. Without a GPU it warns and runs the --quick sizes instead.
+# pool and with XLA_FLAGS=--xla_gpu_autotune_level=0; timings run in the main process
+# with autotuning on. Without a GPU it warns and runs the --quick sizes instead.
 set -u -o pipefail
 OUT=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [--quick]}
 shift
