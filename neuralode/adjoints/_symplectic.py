@@ -572,13 +572,12 @@ def _symplectic_loop_bwd(
         primals = (y_start, y_end, ks)
         _, y_at_vjp = jax.vjp(y_at, t_star, *primals)
         t_bar, *y_at_bar = y_at_vjp(y_star_bar)
-        d_condition_dt = jax.grad(condition)(t_star, *primals, params)
-        value, condition_vjp = jax.vjp(
-            lambda *args: condition(t_star, *args), *primals, params
-        )
+        # One pullback of the scalar φ gives ∂φ/∂t and ∂φ/∂(y_n, y_{n+1}, k, θ).
+        value, condition_vjp = jax.vjp(condition, t_star, *primals, params)
+        d_condition_dt, *d_condition = condition_vjp(jnp.ones_like(value))
         dt_star_bar = -(t_star_bar + t_bar) / d_condition_dt
-        *condition_bar, params_bar_condition = condition_vjp(
-            dt_star_bar.astype(value.dtype)
+        *condition_bar, params_bar_condition = jtu.tree_map(
+            lambda d: (dt_star_bar * d).astype(d.dtype), d_condition
         )
         y_start_bar, lam, k_bar = (
             _add(_add(a, b), c)
