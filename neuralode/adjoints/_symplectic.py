@@ -190,7 +190,8 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         transposed = private.only_transpose_ys(final_state)
         if _finds_root(event):
             # The event time, saved as the last `ts` entry, depends on the parameters.
-            transposed = eqx.tree_at(_save_ts, transposed, _save_ts(final_state))
+            save_ts = lambda s: [x.ts for x in _per_sub(saveat, s.save_state)]
+            transposed = eqx.tree_at(save_ts, transposed, save_ts(final_state))
         if saveat.dense:
             # Dense output is pulled back too: each step's (y0, y1, k) is a function
             # of the step's start and stages.
@@ -245,12 +246,6 @@ def _check_supported(terms, solver, event, saveat, max_steps, passed_solver_stat
 
 def _finds_root(event) -> bool:
     return event is not None and event.root_finder is not None
-
-
-def _save_ts(state) -> list:
-    """The `ts` of each of the solve's outputs."""
-    is_save_state = lambda x: isinstance(x, private.SaveState)
-    return [s.ts for s in jtu.tree_leaves(state.save_state, is_leaf=is_save_state)]
 
 
 def _is_subsaveat(x) -> bool:
