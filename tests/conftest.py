@@ -3,6 +3,9 @@ import pytest
 
 # Exactness is checked in float64: the strategies must agree to rounding.
 jax.config.update("jax_enable_x64", True)
+# As Diffrax's own suite: no implicit rank or dtype promotion anywhere.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
 @pytest.fixture

@@ -36,7 +36,12 @@ import jax.tree_util as jtu
 from . import _diffrax_private as private
 from ._closure import closure_convert_event, closure_convert_fn, closure_convert_terms
 from ._constant_inputs import constant_times
-from ._tableau import explicit_tableau, pullback_stages, recompute_stages
+from ._tableau import (
+    explicit_tableau,
+    outer_weights,
+    pullback_stages,
+    recompute_stages,
+)
 
 _lax_while_loop = ft.partial(eqxi.while_loop, kind="lax")
 
@@ -678,7 +683,7 @@ def _symplectic_loop_bwd(
             )
         b = jnp.asarray(tableau.b[:num_stages])
         k_bar = jtu.tree_map(
-            lambda kb, lm: kb + b.astype(lm.dtype)[(...,) + (None,) * lm.ndim] * lm,
+            lambda kb, lm: kb + outer_weights(b, lm),
             k_bar,
             lam,
         )

@@ -83,6 +83,13 @@ def _stage_input(a_i, y0, ks):
     )
 
 
+def outer_weights(w, x):
+    """w_j · x for each weight: shape `(len(w), *x.shape)`, with explicit ranks (clean
+    under `jax_numpy_rank_promotion="raise"`)."""
+    w = w.astype(x.dtype).reshape(w.shape + (1,) * x.ndim)
+    return w * x[None]
+
+
 def recompute_stages(
     tableau: ExplicitTableau,
     num_stages: int,
@@ -146,7 +153,7 @@ def pullback_stages(
         y_bar_i, params_bar_i = vf_prod_vjp(_stage_time(c[i], t0, t1), y_i, k_bar_i)
         # Y_i = y_n + Σ_{j<i} a_ij k_j sends a_ij Ȳ_i to each earlier k_j.
         k_bar = jtu.tree_map(
-            lambda kb, yb: kb + a[i].astype(kb.dtype)[(...,) + (None,) * yb.ndim] * yb,
+            lambda kb, yb: kb + outer_weights(a[i], yb),
             k_bar,
             y_bar_i,
         )
