@@ -1,10 +1,12 @@
-"""What the symplectic adjoint cannot differentiate exactly fails at trace time, with an
-error naming it and an alternative."""
+"""What an adjoint cannot differentiate exactly fails at trace time, with an error
+naming it and an alternative, and only when it is differentiated: the same solve,
+not differentiated, gives Diffrax's values bit for bit."""
 
 import diffrax
 import jax
 import jax.numpy as jnp
 import lineax as lx
+import numpy as np
 import optimistix as optx
 import pytest
 
@@ -21,13 +23,14 @@ def _solve(
     saveat=None,
     max_steps=16,
     terms=None,
+    full_solution=False,
     **kwargs,
 ):
     field = neuralode.MLPField(3, 4, 1, key=jax.random.PRNGKey(0))
     terms = diffrax.ODETerm(field) if terms is None else terms
     solver = diffrax.Tsit5() if solver is None else solver
     saveat = diffrax.SaveAt(t1=True) if saveat is None else saveat
-    return diffrax.diffeqsolve(
+    solution = diffrax.diffeqsolve(
         terms,
         solver,
         0.0,
@@ -37,7 +40,8 @@ def _solve(
         saveat=saveat,
         max_steps=max_steps,
         **{"adjoint": neuralode.SymplecticAdjoint(), **kwargs},
-    ).ys
+    )
+    return solution if full_solution else solution.ys
 
 
 def _unsafe_sde_terms():
@@ -56,35 +60,125 @@ class NormalisedHeun(diffrax.Heun):
         return (y1 / jnp.linalg.norm(y1), *rest)
 
 
-REFUSED = {
-    "implicit-solver": dict(solver=diffrax.Kvaerno5(), stepsize_controller=PID),
-    "half-solver": dict(
+def _sde_terms(diffusion_scale=0.1):
+    path = diffrax.VirtualBrownianTree(
+        0.0,
+        1.0,
+        tol=1e-3,
+        shape=(3,),
+        key=jax.random.PRNGKey(1),
+        levy_area=diffrax.SpaceTimeLevyArea,
+    )
+    field = neuralode.MLPField(3, 4, 1, key=jax.random.PRNGKey(0))
+    diffusion = diffusion_scale * jnp.array([1.0, 2.0, 3.0])
+    return diffrax.MultiTerm(
+        diffrax.ODETerm(lambda t, y, args: field(t, y)),
+        # Additive noise: every stochastic solver below takes it.
+        diffrax.ControlTerm(
+            lambda t, y, args: lx.DiagonalLinearOperator(diffusion), path
+        ),
+    )
+
+
+_ROOT_EVENT = diffrax.Event(
+    lambda t, y, args, **kwargs: y[0] - 0.45, optx.Newton(rtol=1e-6, atol=1e-6)
+)
+_SDE_SOLVERS = (
+    diffrax.ShARK(),
+    diffrax.GeneralShARK(),
+    diffrax.SRA1(),
+    diffrax.SEA(),
+    diffrax.SPaRK(),
+    diffrax.SlowRK(),
+)
+# Solves that an adjoint cannot differentiate, but solves all the same.
+NOT_DIFFERENTIABLE = {
+    ("symplectic", "implicit-solver"): dict(
+        solver=diffrax.Kvaerno5(), stepsize_controller=PID
+    ),
+    ("symplectic", "half-solver"): dict(
         solver=diffrax.HalfSolver(diffrax.Tsit5()), stepsize_controller=PID
     ),
-    "event-root-finder-steps": dict(
-        event=diffrax.Event(
-            lambda t, y, args, **kwargs: y[0], optx.Newton(rtol=1e-6, atol=1e-6)
-        ),
-        saveat=diffrax.SaveAt(steps=True),
+    **{
+        ("symplectic", type(solver).__name__): dict(solver=solver, terms=_sde_terms())
+        for solver in _SDE_SOLVERS
+    },
+    ("symplectic", "event-root-finder-steps"): dict(
+        event=_ROOT_EVENT, saveat=diffrax.SaveAt(steps=True)
     ),
-    "max-steps-none": dict(max_steps=None),
-    "unsafe-brownian": dict(solver=diffrax.Heun(), terms=_unsafe_sde_terms()),
-    "overridden-step": dict(solver=NormalisedHeun()),
-    "solver-state": dict(saveat=diffrax.SaveAt(t1=True, solver_state=True)),
-    "controller-state": dict(saveat=diffrax.SaveAt(t1=True, controller_state=True)),
+    ("symplectic", "event-root-finder-dense"): dict(
+        event=_ROOT_EVENT, saveat=diffrax.SaveAt(t1=True, dense=True)
+    ),
+    ("symplectic", "max-steps-none"): dict(max_steps=None),
+    ("symplectic", "unsafe-brownian"): dict(
+        solver=diffrax.Heun(), terms=_unsafe_sde_terms()
+    ),
+    ("symplectic", "overridden-step"): dict(solver=NormalisedHeun()),
+    ("symplectic", "solver-state"): dict(
+        saveat=diffrax.SaveAt(t1=True, solver_state=True)
+    ),
+    ("symplectic", "controller-state"): dict(
+        saveat=diffrax.SaveAt(t1=True, controller_state=True)
+    ),
+    ("continuous", "steps"): dict(saveat=diffrax.SaveAt(steps=True)),
+    ("continuous", "fn"): dict(saveat=diffrax.SaveAt(t1=True, fn=lambda t, y, a: y[0])),
+    ("continuous", "subs"): dict(
+        saveat=diffrax.SaveAt(
+            subs=[diffrax.SubSaveAt(t0=True), diffrax.SubSaveAt(t1=True)]
+        )
+    ),
+    ("continuous", "dense"): dict(saveat=diffrax.SaveAt(t1=True, dense=True)),
+    ("continuous", "event"): dict(event=_ROOT_EVENT),
+    ("continuous", "several-terms"): dict(solver=diffrax.ShARK(), terms=_sde_terms()),
+    ("continuous", "ito-solver"): dict(solver=diffrax.Euler(), terms=_sde_terms()),
 }
 
 
-@pytest.mark.parametrize("case", sorted(REFUSED))
-def test_refused_at_trace_time(case):
-    with pytest.raises((NotImplementedError, ValueError)) as error:
-        jax.eval_shape(lambda y0: _solve(y0, **REFUSED[case]), Y0)
-    message = str(error.value)
-    assert "SymplecticAdjoint" in message
-    # Names what to do instead.
-    assert any(word in message for word in ("Use ", "Pass ", "max_steps=<int>")), (
-        message
+def _values(solution):
+    """Everything a forward solve returns that a reader would compare."""
+    return (solution.ts, solution.ys, solution.stats, solution.result._value)
+
+
+@pytest.mark.parametrize(
+    "adjoint, case",
+    sorted(NOT_DIFFERENTIABLE),
+    ids=[":".join(k) for k in sorted(NOT_DIFFERENTIABLE)],
+)
+def test_solved_and_refused_only_when_differentiated(adjoint, case):
+    kwargs = NOT_DIFFERENTIABLE[adjoint, case]
+    # Diffrax's default adjoint refuses UnsafeBrownianPath; ForwardMode solves it.
+    unsafe = case == "unsafe-brownian"
+    reference = (
+        diffrax.ForwardMode() if unsafe else diffrax.RecursiveCheckpointAdjoint()
     )
+    ours = neuralode.get_adjoint(adjoint)
+
+    @jax.jit
+    def solve_both(y0):
+        return [
+            _values(_solve(y0, full_solution=True, adjoint=a, **kwargs))
+            for a in (reference, ours)
+        ]
+
+    expected, actual = solve_both(Y0)
+    equal = jax.tree_util.tree_map(
+        lambda a, b: bool(np.array_equal(a, b, equal_nan=True)), actual, expected
+    )
+    assert jax.tree_util.tree_all(equal), equal  # bit for bit
+
+    def loss(y0):
+        ys = _solve(y0, adjoint=ours, **kwargs)
+        return sum(
+            jnp.sum(jnp.where(jnp.isfinite(y), y, 0))
+            for y in jax.tree_util.tree_leaves(ys)
+        )
+
+    with pytest.raises((NotImplementedError, ValueError)) as error:
+        jax.eval_shape(jax.grad(loss), Y0)  # at trace time
+    message = str(error.value)
+    assert type(ours).__name__ in message
+    # Names what to do instead.
+    assert any(word in message for word in ("Use ", "max_steps=<int>")), message
 
 
 def test_forward_mode_is_refused():
@@ -204,26 +298,6 @@ def test_continuous_refuses_a_control_paths_gradient():
     # The symplectic adjoint is not refused (its values: test_exactness, CDE test).
     grad = jax.eval_shape(jax.grad(loss), coeffs, neuralode.SymplecticAdjoint())
     assert jax.tree_util.tree_structure(grad) == jax.tree_util.tree_structure(coeffs)
-
-
-def _sde_terms():
-    path = diffrax.VirtualBrownianTree(
-        0.0,
-        1.0,
-        tol=1e-3,
-        shape=(3,),
-        key=jax.random.PRNGKey(1),
-        levy_area=diffrax.SpaceTimeLevyArea,
-    )
-    field = neuralode.MLPField(3, 4, 1, key=jax.random.PRNGKey(0))
-    return diffrax.MultiTerm(
-        diffrax.ODETerm(lambda t, y, args: field(t, y)),
-        # ShARK is for additive noise.
-        diffrax.ControlTerm(
-            lambda t, y, args: lx.DiagonalLinearOperator(jnp.array([0.1, 0.2, 0.3])),
-            path,
-        ),
-    )
 
 
 @pytest.mark.parametrize(

@@ -8,14 +8,21 @@ solve. `diffrax.BacksolveAdjoint` also treats the data of a control path (a neur
 CDE's interpolation coefficients) as constant, and returns a zero gradient for it
 without a word. Passed through `constant_times` or `constant_paths` first, each raises
 an error at trace time that names the input and an adjoint that differentiates it.
+
+A solve that an adjoint cannot differentiate at all (an implicit solver under
+`SymplecticAdjoint`, say) still runs: `forward_only` solves it as Diffrax's default
+adjoint does when not differentiated, and only differentiating it raises.
 """
 
 import functools as ft
 
 import diffrax
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.tree_util as jtu
+
+from . import _diffrax_private as private
 
 _RCA = "`adjoint=diffrax.RecursiveCheckpointAdjoint()`"
 
@@ -46,6 +53,19 @@ def _guard_time(adjoint: str, what: str, t):
         "none is wanted.",
         t,
     )
+
+
+def forward_only(message: str, **loop_kwargs):
+    """Diffrax's solve loop with plain while loops (what
+    `diffrax.RecursiveCheckpointAdjoint` runs when not differentiated: the same
+    values), whose outputs raise `NotImplementedError(message)` at trace time if
+    differentiated."""
+    lax_while_loop = ft.partial(eqxi.while_loop, kind="lax")
+    final_state, aux_stats = private.loop(
+        inner_while_loop=lax_while_loop, outer_while_loop=lax_while_loop, **loop_kwargs
+    )
+    guard = lambda x: _guard(message, x) if eqx.is_inexact_array(x) else x
+    return jtu.tree_map(guard, final_state), aux_stats
 
 
 def _is_none(x) -> bool:

@@ -35,7 +35,7 @@ import jax.tree_util as jtu
 
 from . import _diffrax_private as private
 from ._closure import closure_convert_event, closure_convert_fn, closure_convert_terms
-from ._constant_inputs import constant_times
+from ._constant_inputs import constant_times, forward_only
 from ._tableau import (
     explicit_tableau,
     outer_weights,
@@ -88,10 +88,11 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         Use `diffrax.ForwardMode()` or `diffrax.DirectAdjoint()` (or
         `neuralode.BackpropAdjoint()`) for forward mode and second derivatives.
         Events with a root finder beside `SaveAt(steps=...)` or
-        `SaveAt(dense=True)`, implicit solvers, solvers that override Diffrax's RK
-        step, `SaveAt(solver_state=True)`,
+        `SaveAt(dense=True)`, implicit and stochastic RK solvers, solvers that
+        override Diffrax's RK step, `SaveAt(solver_state=True)`,
         `SaveAt(controller_state=True)`, a passed `solver_state` and
-        `max_steps=None` are refused with an error that names an alternative.
+        `max_steps=None` are solved as by Diffrax's default adjoint, but
+        differentiating such a solve raises an error that names an alternative.
         Gradients with respect to `t0`, `t1`, `dt0`, `SaveAt(ts=...)`, `step_ts` or
         `jump_ts` are not computed: differentiating through them raises
         `NotImplementedError` (use
@@ -143,10 +144,27 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         **kwargs,
     ):
         del throw
-        _check_supported(terms, solver, event, saveat, max_steps, passed_solver_state)
         t0, t1, dt0, saveat, kwargs["stepsize_controller"] = constant_times(
             "SymplecticAdjoint", t0, t1, dt0, saveat, kwargs["stepsize_controller"]
         )
+        unsupported = _unsupported(
+            terms, solver, event, saveat, max_steps, passed_solver_state
+        )
+        if unsupported is not None:
+            return forward_only(
+                unsupported,
+                args=args,
+                terms=terms,
+                solver=solver,
+                event=event,
+                saveat=saveat,
+                t0=t0,
+                t1=t1,
+                dt0=dt0,
+                max_steps=max_steps,
+                init_state=init_state,
+                **kwargs,
+            )
         y0 = init_state.y
         t = init_state.tprev
         # An event's `cond_fn` may close over parameters too (e.g. a threshold), which
@@ -206,30 +224,25 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         return transposed, aux_stats
 
 
-def _refuse(what: str, instead: str) -> NotImplementedError:
-    return NotImplementedError(
-        f"SymplecticAdjoint does not support {what}. Use {instead} instead."
-    )
-
-
-def _check_supported(terms, solver, event, saveat, max_steps, passed_solver_state):
-    """Refuse, at trace time, everything this adjoint would not differentiate exactly."""
+def _unsupported(terms, solver, event, saveat, max_steps, passed_solver_state):
+    """Why this adjoint cannot differentiate the solve exactly, with an alternative,
+    or `None`. (A solve that is not differentiated runs whatever the answer.)"""
     rca = "`adjoint=diffrax.RecursiveCheckpointAdjoint()`"
     if _finds_root(event) and (saveat.dense or any(sub.steps for sub in _subs(saveat))):
         # Diffrax then rewrites the last step's saves after the root find.
-        raise _refuse(
+        return _refusal(
             "an event with a root finder together with `SaveAt(steps=...)` or "
             "`SaveAt(dense=True)`",
             f"`SaveAt(t0=..., t1=..., ts=...)`, `root_finder=None` or {rca}",
         )
     if max_steps is None:
-        raise ValueError(
-            "SymplecticAdjoint needs `diffeqsolve(..., max_steps=<int>)`: it records "
-            "every step, so it must know how many to allocate."
+        return (
+            "SymplecticAdjoint needs `diffeqsolve(..., max_steps=<int>)` to be "
+            "differentiated: it records every step, so it must know how many to "
+            "allocate."
         )
-    tableau = explicit_tableau(solver)
-    if tableau is None:
-        raise _refuse(
+    if explicit_tableau(solver) is None:
+        return _refusal(
             f"the solver {type(solver).__name__}: only explicit Runge--Kutta solvers "
             "(Euler, Heun, Midpoint, Ralston, Bosh3, Tsit5, Dopri5, Dopri8, or a "
             "diffrax.AbstractERK subclass with a ButcherTableau that keeps Diffrax's "
@@ -238,15 +251,23 @@ def _check_supported(terms, solver, event, saveat, max_steps, passed_solver_stat
         )
     if saveat.solver_state or saveat.controller_state:
         # Their cotangents would be dropped, not pulled back.
-        raise _refuse(
+        return _refusal(
             "`SaveAt(solver_state=True)` or `SaveAt(controller_state=True)`", rca
         )
     if private.is_unsafe_sde(terms):
-        raise _refuse("`UnsafeBrownianPath`", "`diffrax.VirtualBrownianTree`")
+        return _refusal("`UnsafeBrownianPath`", "`diffrax.VirtualBrownianTree`")
     if passed_solver_state:
-        raise _refuse(
+        return _refusal(
             "a passed `solver_state` (it recomputes each step from its start)", rca
         )
+    return None
+
+
+def _refusal(what: str, instead: str) -> str:
+    return (
+        f"SymplecticAdjoint cannot differentiate a solve with {what}. Use {instead} "
+        "instead. (Solving without differentiating works as with any adjoint.)"
+    )
 
 
 def _finds_root(event) -> bool:
@@ -307,7 +328,12 @@ class _RecordStepEnds(diffrax.AbstractStepSizeController):
             t0, t1, y0, y1_candidate, args, y_error, order, inner_state
         )
         ends = ends.at[index].set(jnp.where(keep, t1, ends[index]))
-        return keep, *rest, (inner_state, ends, index + keep), result
+        return (
+            keep,
+            *rest,
+            (inner_state, ends, jnp.where(keep, index + 1, index)),
+            result,
+        )
 
 
 def _run_loop(
