@@ -10,6 +10,8 @@ uses Diffrax's public API. What is borrowed, and why:
 - `only_transpose_ys`, `nondiff_solver_controller_state`: the same guards that
   `diffrax.BacksolveAdjoint` puts around its custom VJP (only the saved `ys` carry
   cotangents; a user-passed solver/controller state is not differentiable).
+- `clip_to_end`: how the loop ends a step proposed to end just short of t1; recomputing
+  a step exactly as the loop took it needs the same rule.
 - `is_sde`, `is_unsafe_sde`: to recognise what the symplectic adjoint refuses;
   `save_y`: the default `SaveAt(fn=...)`, whose cotangent needs no VJP.
 """
@@ -19,11 +21,16 @@ from diffrax._adjoint import (
     _only_transpose_ys as only_transpose_ys,
 )
 from diffrax._heuristics import is_sde as is_sde, is_unsafe_sde as is_unsafe_sde
-from diffrax._integrate import SaveState as SaveState, loop as loop
+from diffrax._integrate import (
+    SaveState as SaveState,
+    _clip_to_end as clip_to_end,
+    loop as loop,
+)
 from diffrax._saveat import save_y as save_y
 
 __all__ = [
     "SaveState",
+    "clip_to_end",
     "is_sde",
     "is_unsafe_sde",
     "loop",
