@@ -1,6 +1,8 @@
 """`symplectic` and `backprop` against `diffrax.RecursiveCheckpointAdjoint` on the same
 call: same solution, same gradients (w.r.t. y0, args and the field's parameters) to
-1e-12 relative in float64."""
+1e-12 relative in float64. `SymplecticAdjoint()` keeps Diffrax's default number of
+checkpoints (10 for the `max_steps=64` used here), so most solves below recompute steps
+from checkpoints; some compare fewer checkpoints and every step kept too."""
 
 import diffrax
 import equinox as eqx
@@ -16,9 +18,15 @@ import neuralode
 
 RTOL = 1e-12
 STRATEGIES = (neuralode.SymplecticAdjoint(), neuralode.BackpropAdjoint())
+# Fewer checkpoints than steps, and every step kept.
+SCHEDULES = (
+    neuralode.SymplecticAdjoint(checkpoints=2),
+    neuralode.SymplecticAdjoint(checkpoints="all"),
+)
 SAVE_TS = jnp.array([0.0, 0.13, 0.5, 0.77, 1.0])  # not step endpoints
 CONSTANT = diffrax.ConstantStepSize()
 PID = diffrax.PIDController(rtol=1e-4, atol=1e-6)
+PID_TIGHT = diffrax.PIDController(rtol=1e-9, atol=1e-9)
 
 
 def _compare(inp, strategies=STRATEGIES, solve=solve, **solve_kwargs):
@@ -104,6 +112,44 @@ def test_saveat_and_controllers(saveat, controller, getkey):
     )
 
 
+def solve_forced(inp, **kwargs):
+    """`solve` with a forcing that makes adaptive steps vary and get rejected: tens of
+    steps, several rejected, at PID(1e-6)."""
+    y0, args, field = inp
+    forced = lambda t, y: field(t, y) + 4.0 * jnp.sin(40.0 * t) * y
+    return solve((y0, args, forced), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "solver, controller",
+    [
+        (diffrax.Tsit5(), diffrax.PIDController(rtol=1e-6, atol=1e-6)),
+        (diffrax.Dopri5(), diffrax.PIDController(rtol=1e-6, atol=1e-6)),
+        (diffrax.Dopri8(), diffrax.PIDController(rtol=1e-6, atol=1e-6)),
+        (RK4(), CONSTANT),
+    ],
+    ids=["tsit5-pid", "dopri5-pid", "dopri8-pid", "user-tableau-constant"],
+)
+def test_checkpoints_recompute_the_steps_taken(solver, controller, getkey):
+    # 1, 2 and 5 checkpoints for tens of steps, and every step kept: each recomputed
+    # step, rejected attempts included, is the step the solve took.
+    inp = small_problem(getkey())
+    adjoints = [neuralode.SymplecticAdjoint(checkpoints=c) for c in (1, 5, 64)]
+    kwargs = dict(
+        solver=solver, controller=controller, saveat=diffrax.SaveAt(ts=SAVE_TS)
+    )
+
+    @eqx.filter_jit
+    def stats(inp):
+        sol = solve_forced(inp, adjoint=adjoints[0], **kwargs)
+        return sol.stats["num_accepted_steps"], sol.stats["num_rejected_steps"]
+
+    accepted, rejected = stats(inp)
+    assert accepted >= 20, accepted
+    assert isinstance(controller, diffrax.ConstantStepSize) or rejected >= 5, rejected
+    _compare(inp, strategies=(*adjoints, SCHEDULES[0]), solve=solve_forced, **kwargs)
+
+
 def test_jump_ts_where_the_field_jumps(getkey):
     # With jump_ts a step ends just before a jump and the next starts just after it,
     # and the loop records the latter time as the end of both. The field changes sign
@@ -152,6 +198,7 @@ def test_saveat_steps_fn_and_subs(getkey):
 
     grad = _compare(
         (y0, args, (field, weight)),
+        strategies=(*STRATEGIES, SCHEDULES[1]),
         solve=solve_with_outputs,
         solver=diffrax.Tsit5(),
         controller=PID,
@@ -203,7 +250,11 @@ def test_solve_stopped_early(stopped_by, getkey):
     def run(inp):
         return [
             eqx.filter_grad(loss, has_aux=True)(inp, adjoint)
-            for adjoint in (diffrax.RecursiveCheckpointAdjoint(), *STRATEGIES)
+            for adjoint in (
+                diffrax.RecursiveCheckpointAdjoint(),
+                *STRATEGIES,
+                *SCHEDULES,
+            )
         ]
 
     (ref_grad, (result, ts)), *results = run((y0, args, field))
@@ -223,8 +274,9 @@ def test_solve_stopped_early(stopped_by, getkey):
 def test_backwards_in_time(getkey):
     _compare(
         small_problem(getkey()),
+        strategies=(*STRATEGIES, SCHEDULES[0]),
         solver=diffrax.Tsit5(),
-        controller=PID,
+        controller=PID_TIGHT,
         saveat=diffrax.SaveAt(t0=True, ts=SAVE_TS[::-1]),
         t0=1.0,
         t1=0.0,
@@ -251,7 +303,11 @@ def test_vmap_over_members_with_different_step_counts(getkey):
     def run(y0s, field):
         return [
             eqx.filter_grad(loss, has_aux=True)(y0s, field, adjoint)
-            for adjoint in (diffrax.RecursiveCheckpointAdjoint(), *STRATEGIES)
+            for adjoint in (
+                diffrax.RecursiveCheckpointAdjoint(),
+                *STRATEGIES,
+                *SCHEDULES,
+            )
         ]
 
     (ref_grad, steps), *results = run(y0s, field)

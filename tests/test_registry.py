@@ -24,7 +24,18 @@ def test_unknown_option_lists_valid_options():
     with pytest.raises(ValueError, match="rtol"):
         neuralode.get_adjoint("continuous", tolerance=1e-3)
     with pytest.raises(ValueError, match="unknown option"):
-        neuralode.get_adjoint("symplectic", checkpoints=3)
+        neuralode.get_adjoint("symplectic", rtol=1e-3)
+    with pytest.raises(ValueError, match="unknown option"):
+        neuralode.get_adjoint("backprop", checkpoints=3)
+
+
+def test_symplectic_checkpoints_option():
+    assert neuralode.get_adjoint("symplectic", checkpoints=3).checkpoints == 3
+    assert neuralode.get_adjoint("symplectic", checkpoints="all").checkpoints == "all"
+    assert neuralode.get_adjoint("symplectic").checkpoints is None
+    for bad in (0, -2, 2.5, True, "every"):
+        with pytest.raises(ValueError, match="`checkpoints` must be a positive int"):
+            neuralode.get_adjoint("symplectic", checkpoints=bad)
 
 
 def test_continuous_options():

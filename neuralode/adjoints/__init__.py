@@ -14,8 +14,10 @@ def _make_backprop(**options) -> diffrax.AbstractAdjoint:
 
 
 def _make_symplectic(**options) -> diffrax.AbstractAdjoint:
-    _check_options("symplectic", options, ())
-    return SymplecticAdjoint()
+    """`SymplecticAdjoint(checkpoints=...)`: `None` (Diffrax's default number),
+    an int, or `"all"` (every step)."""
+    _check_options("symplectic", options, ("checkpoints",))
+    return SymplecticAdjoint(**options)
 
 
 _CONTINUOUS_OPTIONS = (
@@ -94,8 +96,9 @@ def get_adjoint(name: str, **options) -> diffrax.AbstractAdjoint:
         `"symplectic"` (`neuralode.SymplecticAdjoint`: exact, memory-lean).
     - `options`: for `"continuous"`: `rtol`, `atol`, `seminorm`, `solver`,
         `stepsize_controller`, `dt0`, `max_steps` of the backward solve. That solve runs
-        from t1 to t0, so its `dt0` is negative for a solve forward in time. The others
-        take none.
+        from t1 to t0, so its `dt0` is negative for a solve forward in time. For
+        `"symplectic"`: `checkpoints` (an int, `"all"`, or `None` for Diffrax's
+        default number). `"backprop"` takes none.
 
     **Returns:**
 
