@@ -40,8 +40,10 @@ from ._train import (
 from .adjoints import (
     ADJOINT_NAMES as ADJOINT_NAMES,
     BackpropAdjoint as BackpropAdjoint,
+    Choice as Choice,
     ContinuousAdjoint as ContinuousAdjoint,
     SymplecticAdjoint as SymplecticAdjoint,
+    choose_adjoint as choose_adjoint,
     get_adjoint as get_adjoint,
 )
 

@@ -4,6 +4,7 @@ names: `get_adjoint(name, **options)`."""
 import diffrax
 
 from ._backprop import BackpropAdjoint as BackpropAdjoint
+from ._choose import Choice as Choice, choose_adjoint as choose_adjoint
 from ._continuous import ContinuousAdjoint as ContinuousAdjoint
 from ._symplectic import SymplecticAdjoint as SymplecticAdjoint
 
