@@ -8,6 +8,7 @@ from jaxtyping import Array, ArrayLike, Float, PyTree
 
 from ._checks import as_int
 from .adjoints import ADJOINT_NAMES, get_adjoint
+from .adjoints._input_checks import check_vector_field
 
 
 class NeuralODE(eqx.Module):
@@ -93,8 +94,11 @@ class NeuralODE(eqx.Module):
             raise ValueError(
                 f"NeuralODE: `ts` must be a 1-D array of at least two times, got shape {ts.shape}."
             )
+        term = diffrax.ODETerm(self.field)
+        # Before Diffrax, which broadcasts the field's output to the state's shape.
+        check_vector_field(term, y0, args, ts[0])
         return diffrax.diffeqsolve(
-            diffrax.ODETerm(self.field),
+            term,
             self.solver,
             t0=ts[0],
             t1=ts[-1],

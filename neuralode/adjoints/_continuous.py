@@ -13,6 +13,7 @@ import jax.tree_util as jtu
 from . import _diffrax_private as private
 from ._closure import closure_convert_terms
 from ._constant_inputs import constant_paths, constant_times, forward_only
+from ._input_checks import checked_inputs
 
 
 class ContinuousAdjoint(diffrax.AbstractAdjoint):
@@ -67,6 +68,7 @@ class ContinuousAdjoint(diffrax.AbstractAdjoint):
         self, *, terms, args, init_state, t0, t1, dt0, saveat, stepsize_controller, **kw
     ):
         name = "ContinuousAdjoint"
+        init_state = checked_inputs(init_state, terms, args, t0, kw["throw"])
         t0, t1, dt0, saveat, stepsize_controller = constant_times(
             name, t0, t1, dt0, saveat, stepsize_controller
         )

@@ -34,6 +34,7 @@ import jax.tree_util as jtu
 from .. import _diffrax_private as private
 from .._closure import closure_convert_event, closure_convert_fn, closure_convert_terms
 from .._constant_inputs import constant_times, forward_only
+from .._input_checks import checked_inputs
 from ._backward import StepPullback, checkpointed_reverse, every_step_reverse
 from ._outputs import EventRoot, Outputs, index, is_subsaveat, per_sub, subs_of
 from ._record import make_stepper, solve
@@ -181,7 +182,7 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         passed_controller_state,
         **kwargs,
     ):
-        del throw
+        init_state = checked_inputs(init_state, terms, args, t0, throw)
         t0, t1, dt0, saveat, kwargs["stepsize_controller"] = constant_times(
             "SymplecticAdjoint", t0, t1, dt0, saveat, kwargs["stepsize_controller"]
         )
