@@ -12,6 +12,7 @@ import equinox as eqx
 import equinox.internal as eqxi
 
 from . import _diffrax_private as private
+from ._input_checks import checked_inputs
 
 
 def _is_none(x):
@@ -37,7 +38,10 @@ class BackpropAdjoint(diffrax.AbstractAdjoint):
         passed_controller_state,
         **kwargs,
     ):
-        del throw, passed_solver_state, passed_controller_state
+        del passed_solver_state, passed_controller_state
+        kwargs["init_state"] = checked_inputs(
+            kwargs["init_state"], kwargs["terms"], kwargs["args"], kwargs["t0"], throw
+        )
         if max_steps is None:
             raise ValueError(
                 "BackpropAdjoint needs `diffeqsolve(..., max_steps=<int>)`: it stores "
