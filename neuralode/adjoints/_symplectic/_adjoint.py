@@ -206,28 +206,19 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
                 **kwargs,
             )
         y0 = init_state.y
-        t = init_state.tprev
-        # An event's `cond_fn` may close over parameters too (e.g. a threshold), which
-        # the event time found by a root finder depends on.
-        event = closure_convert_event(
+        event, terms, fns, saveat = _closure_converted(
             event,
-            t,
-            y0,
+            terms,
+            saveat,
+            init_state,
             args,
-            terms=terms,
             solver=solver,
             t0=t0,
             t1=t1,
             dt0=dt0,
-            saveat=saveat,
             stepsize_controller=kwargs["stepsize_controller"],
             max_steps=max_steps,
         )
-        terms = closure_convert_terms(terms, t, y0, args)
-        # Each `SaveAt(fn=...)` is differentiated too (it may hold or close over
-        # parameters), so it travels with the differentiable inputs.
-        fns = tuple(closure_convert_fn(sub.fn, t, y0, args) for sub in subs_of(saveat))
-        saveat = _with_fns(saveat, (private.save_y,) * len(fns))
         init_state = eqx.tree_at(lambda s: s.y, init_state, object())
         init_state = private.nondiff_solver_controller_state(
             self, init_state, passed_solver_state, passed_controller_state
@@ -251,18 +242,41 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
             num_slots=num_slots,
             **kwargs,
         )
-        transposed = private.only_transpose_ys(final_state)
-        if _finds_root(event):
-            # The event time, saved as the last `ts` entry, depends on the parameters.
-            save_ts = lambda s: [x.ts for x in per_sub(saveat, s.save_state)]
-            transposed = eqx.tree_at(save_ts, transposed, save_ts(final_state))
-        if saveat.dense:
-            # Dense output is pulled back too: each step's (y0, y1, k) is a function
-            # of the step's start and stages.
-            transposed = eqx.tree_at(
-                lambda s: s.dense_infos, transposed, final_state.dense_infos
-            )
-        return transposed, aux_stats
+        return _transposed(final_state, saveat, event), aux_stats
+
+
+def _closure_converted(event, terms, saveat, init_state, args, **solve_kwargs):
+    """`event`, `terms`, the `SaveAt(fn=...)`s and `saveat` with plain `fn`s, with
+    every array they close over made a leaf: the custom VJP differentiates only its
+    inputs."""
+    t, y0 = init_state.tprev, init_state.y
+    # An event's `cond_fn` may close over parameters too (e.g. a threshold), which
+    # the event time found by a root finder depends on. It gets Diffrax's keyword
+    # arguments.
+    event = closure_convert_event(
+        event, t, y0, args, terms=terms, saveat=saveat, **solve_kwargs
+    )
+    terms = closure_convert_terms(terms, t, y0, args)
+    # Each `SaveAt(fn=...)` is differentiated too (it may hold or close over
+    # parameters), so it travels with the differentiable inputs.
+    fns = tuple(closure_convert_fn(sub.fn, t, y0, args) for sub in subs_of(saveat))
+    saveat = _with_fns(saveat, (private.save_y,) * len(fns))
+    return event, terms, fns, saveat
+
+
+def _transposed(final_state, saveat, event):
+    """The parts of the final state that carry cotangents: the saves, the event time
+    (saved as the last `ts` entry) and dense output (each step's (y0, y1, k) is a
+    function of the step's start and stages)."""
+    transposed = private.only_transpose_ys(final_state)
+    if _finds_root(event):
+        save_ts = lambda s: [x.ts for x in per_sub(saveat, s.save_state)]
+        transposed = eqx.tree_at(save_ts, transposed, save_ts(final_state))
+    if saveat.dense:
+        transposed = eqx.tree_at(
+            lambda s: s.dense_infos, transposed, final_state.dense_infos
+        )
+    return transposed
 
 
 def _unsupported(
