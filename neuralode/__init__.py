@@ -15,15 +15,6 @@ from ._cli import (
     stepping_from_args as stepping_from_args,
 )
 from ._fields import MLPField as MLPField
-from ._measure import (
-    EvaluationCounter as EvaluationCounter,
-    fit_exponent as fit_exponent,
-    fit_increment as fit_increment,
-    median_time_ms as median_time_ms,
-    peak_memory_bytes as peak_memory_bytes,
-    relative_error as relative_error,
-    xla_temp_bytes as xla_temp_bytes,
-)
 from ._model import NeuralODE as NeuralODE
 from ._train import (
     CheckpointError as CheckpointError,

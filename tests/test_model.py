@@ -7,6 +7,7 @@ import pytest
 from helpers import assert_tree_allclose
 
 import neuralode
+import neuralode.measure
 
 TS = jnp.linspace(0.0, 1.0, 5)
 
@@ -37,7 +38,7 @@ def test_jit_vmap_grad_and_strategies_agree(getkey):
     # The continuous adjoint is close, not equal.
     loss_c, grad_c = results["continuous"]
     assert loss_c == results["backprop"][0]
-    assert neuralode.relative_error(grad_c, results["backprop"][1]) < 1e-2
+    assert neuralode.measure.relative_error(grad_c, results["backprop"][1]) < 1e-2
 
 
 def test_batched_state_is_one_solve(getkey):
