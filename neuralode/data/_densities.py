@@ -17,7 +17,7 @@ TOY_DENSITIES: tuple[str, ...] = (
 
 def _eight_gaussians(key, n):
     k1, k2 = jax.random.split(key)
-    angles = 2 * jnp.pi * jax.random.randint(k1, (n,), 0, 8) / 8
+    angles = 2 * jnp.pi * jax.random.randint(k1, (n,), 0, 8).astype(float) / 8
     centres = 4.0 * jnp.stack([jnp.cos(angles), jnp.sin(angles)], axis=-1)
     return (centres + 0.5 * jax.random.normal(k2, (n, 2))) / np.sqrt(2)
 
@@ -34,7 +34,8 @@ def _two_spirals(key, n):
 def _checkerboard(key, n):
     k1, k2, k3 = jax.random.split(key, 3)
     x1 = 4 * jax.random.uniform(k1, (n,)) - 2
-    x2 = jax.random.uniform(k2, (n,)) - 2 * jax.random.randint(k3, (n,), 0, 2)
+    x2 = jax.random.uniform(k2, (n,))
+    x2 = x2 - 2 * jax.random.randint(k3, (n,), 0, 2).astype(x2.dtype)
     x2 = x2 + jnp.floor(x1) % 2
     return 2 * jnp.stack([x1, x2], axis=-1)
 
@@ -46,7 +47,7 @@ def _moons(key, n):
     inner = jnp.stack([1 - jnp.cos(angle), 0.5 - jnp.sin(angle)], -1)
     points = jnp.where(jax.random.bernoulli(k2, 0.5, (n, 1)), outer, inner)
     points = points + 0.1 * jax.random.normal(k3, (n, 2))
-    return 2 * points + jnp.array([-1.0, -0.2])
+    return 2 * points + jnp.array([[-1.0, -0.2]])
 
 
 def _circles(key, n):
