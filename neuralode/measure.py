@@ -20,8 +20,11 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.stages
 import numpy as np
 from jaxtyping import Array, ArrayLike, Int, PyTree
+
+_Number = float | int | np.integer | np.floating
 
 
 def xla_temp_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
@@ -41,12 +44,22 @@ def xla_temp_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
 
     `memory_analysis().temp_size_in_bytes` of the compiled program.
     """
-    lowered = eqx.filter_jit(fn).lower(*args, **kwargs)
-    analysis = lowered.compile().compiled.memory_analysis()
-    return int(analysis.temp_size_in_bytes)  # pyright: ignore[reportOptionalMemberAccess]
+    # `lower` is there at run time; filter_jit's annotation hides it.
+    lowered = eqx.filter_jit(fn).lower(*args, **kwargs)  # pyright: ignore[reportFunctionMemberAccess]
+    return compiled_temp_bytes(lowered.compile().compiled)
 
 
-def peak_memory_bytes(device: jax.Device | None = None) -> int | None:
+def compiled_temp_bytes(compiled: jax.stages.Compiled) -> int:
+    """`xla_temp_bytes` of a program already compiled (`jax.jit(fn).lower(...).compile()`)."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        raise RuntimeError("this JAX backend gives no memory analysis of its programs")
+    return int(analysis.temp_size_in_bytes)
+
+
+def peak_memory_bytes(
+    device: jax.Device | None = None,  # pyright: ignore[reportInvalidTypeForm]
+) -> int | None:
     """The device's peak bytes in use so far in this process, or `None` where the backend
     does not report it (CPU).
 
@@ -60,8 +73,7 @@ def peak_memory_bytes(device: jax.Device | None = None) -> int | None:
 
     - `device`: the device to ask; the first one by default.
     """
-    device = jax.devices()[0] if device is None else device
-    stats = device.memory_stats()
+    stats = (jax.devices()[0] if device is None else device).memory_stats()
     if not stats or "peak_bytes_in_use" not in stats:
         return None
     return int(stats["peak_bytes_in_use"])
@@ -194,7 +206,7 @@ class _CountedField(eqx.Module):
         return self.field(t, y, args)
 
 
-def fit_exponent(xs: Iterable[float | None], ys: Iterable[float | None]) -> float:
+def fit_exponent(xs: Iterable[_Number | None], ys: Iterable[_Number | None]) -> float:
     """The exponent p of a least-squares fit ys ≈ c·xs^p on log-log axes (`nan` with fewer
     than two usable points; missing and non-positive values are dropped)."""
     pairs = [
@@ -208,7 +220,7 @@ def fit_exponent(xs: Iterable[float | None], ys: Iterable[float | None]) -> floa
     return float(np.polyfit(lx, ly, 1)[0])
 
 
-def fit_increment(xs: Iterable[float | None], ys: Iterable[float | None]) -> float:
+def fit_increment(xs: Iterable[_Number | None], ys: Iterable[_Number | None]) -> float:
     """The slope a of a least-squares line ys ≈ a·xs + b (e.g. bytes per step); `nan`
     with fewer than two distinct xs (missing values are dropped)."""
     pairs = [
@@ -227,6 +239,7 @@ __all__ = [
     "fit_increment",
     "function_evaluations",
     "median_time_ms",
+    "compiled_temp_bytes",
     "peak_memory_bytes",
     "relative_error",
     "xla_temp_bytes",

@@ -15,6 +15,7 @@ import functools as ft
 import diffrax
 import equinox as eqx
 import jax
+import jax.core
 import jax.tree_util as jtu
 
 _RCA = "`adjoint=diffrax.RecursiveCheckpointAdjoint()`"

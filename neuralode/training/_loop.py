@@ -17,12 +17,14 @@ from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
+import jax.stages
 import numpy as np
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
 from .._checks import as_int
+from ..measure import compiled_temp_bytes
 from ._checkpoint import Checkpoint, CheckpointError, check_output_dir, write_atomic
 from ._signals import StopRequests
 from ._step import StepOutput, TrainState, make_train_step
@@ -57,6 +59,7 @@ class TrainResult(NamedTuple):
 
 
 MetricFn = Callable[[StepInfo], float | int]
+Step = Callable[[TrainState], tuple[TrainState, StepOutput]]
 
 
 def fit(
@@ -198,7 +201,7 @@ def fit(
 
 
 def _run_step(
-    compiled: Callable[[TrainState], tuple[TrainState, StepOutput]],
+    compiled: Step,
     state: TrainState,
     iteration: int,
 ) -> tuple[TrainState, StepOutput, bool]:
@@ -272,15 +275,11 @@ class _Run:
     def load(self, like: TrainState, may_change: Collection[str] = ()) -> Checkpoint:
         return Checkpoint.load(self.checkpoint_path, like, self.config, may_change)
 
-    def compile(
-        self,
-        step: Callable[[TrainState], tuple[TrainState, StepOutput]],
-        state: TrainState,
-    ) -> Callable[[TrainState], tuple[TrainState, StepOutput]]:
+    def compile(self, step: jax.stages.Wrapped, state: TrainState) -> Step:
         tic = time.perf_counter()
-        compiled = step.lower(state).compile()  # pyright: ignore[reportFunctionMemberAccess]
+        compiled = step.lower(state).compile()
         self.compile_s = time.perf_counter() - tic
-        self.memory_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
+        self.memory_bytes = compiled_temp_bytes(compiled)
         return compiled
 
     def record(self, values: Mapping[str, Any]) -> None:
@@ -309,7 +308,7 @@ class _Run:
         error: BaseException,
         state: TrainState,
         done: int,
-        compiled: Callable[[TrainState], tuple[TrainState, StepOutput]],
+        compiled: Step,
         initial: Callable[[], TrainState],
     ) -> BaseException:
         """Checkpoint the state after iteration `done` and write the metrics; the

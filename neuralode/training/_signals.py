@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -41,7 +42,7 @@ class StopRequests:
 
     def __init__(self) -> None:
         self.requested = False
-        self.previous: dict[int, object] | None = None
+        self.previous: dict[int, Any] | None = None
 
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():
@@ -66,5 +67,5 @@ class StopRequests:
     def __exit__(self, *exc_info: object) -> None:
         if self.previous is not None:
             for s, handler in self.previous.items():
-                signal.signal(s, handler)  # pyright: ignore[reportArgumentType]
+                signal.signal(s, handler)
             self.previous = None

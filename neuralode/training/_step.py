@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.stages
 import optax
 from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
 
@@ -55,7 +56,7 @@ def make_train_step(
     model: PyTree,
     *,
     donate: bool = True,
-) -> Callable[[TrainState], tuple[TrainState, StepOutput]]:
+) -> jax.stages.Wrapped:
     """A jitted training iteration `step(state) -> (state, output)`.
 
     It splits the key, draws a minibatch with `sample_batch`, takes the gradient of
