@@ -58,29 +58,21 @@ RESUME_MAY_CHANGE = (
 
 def positive_int(text: str) -> int:
     """`argparse` type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive integer, got {text!r}"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+    return _positive(text, int, "a positive integer")
 
 
 def positive_float(text: str) -> float:
     """`argparse` type: a finite float > 0."""
+    return _positive(text, float, "a positive number")
+
+
+def _positive(text: str, kind: type, what: str) -> Any:
     try:
-        value = float(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive number, got {text!r}"
-        ) from None
-    if not (0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(
-            f"expected a positive number, got {text!r}"
-        ) from None
+        value = None
+    if value is None or not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
 
 

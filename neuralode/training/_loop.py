@@ -316,7 +316,10 @@ class _Run:
         for values in self.history.values():
             del values[done:]  # an interrupt may have come between the appends
         if done > self.saved:
-            if any(isinstance(x, jax.Array) and x.is_deleted() for x in _leaves(state)):
+            if any(
+                isinstance(x, jax.Array) and x.is_deleted()
+                for x in jax.tree_util.tree_leaves(state)
+            ):
                 state = self.load(initial()).state if self.saved else initial()
                 for _ in range(self.saved, done):  # replay: the steps are deterministic
                     state, _ = compiled(state)
@@ -343,10 +346,6 @@ def save_metrics(path: str | os.PathLike[str], metrics: Mapping[str, Any]) -> No
 def _postfix(values: Mapping[str, Any]) -> dict[str, str]:
     shown = {k: f"{v:.4g}" for k, v in values.items() if k != "time_s"}
     return {**shown, "s_it": f"{values['time_s']:.3g}"}
-
-
-def _leaves(tree: PyTree) -> list[Any]:
-    return jax.tree_util.tree_leaves(tree)
 
 
 class _QuietCallbackFailures:
