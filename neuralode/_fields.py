@@ -47,7 +47,7 @@ class MLPField(eqx.Module):
         activation: Callable[[Array], Array] = jnp.tanh,
         time_dependent: bool = False,
         key: PRNGKeyArray,
-    ):
+    ) -> None:
         state_dim = as_int("MLPField", "state_dim", state_dim)
         width = as_int("MLPField", "width", width)
         depth = as_int("MLPField", "depth", depth, minimum=0)

@@ -11,6 +11,7 @@ an error at trace time that names the input and an adjoint that differentiates i
 """
 
 import functools as ft
+from typing import Any
 
 import diffrax
 import equinox as eqx
@@ -53,7 +54,9 @@ def _is_none(x) -> bool:
     return x is None
 
 
-def constant_times(adjoint: str, t0, t1, dt0, saveat, stepsize_controller):
+def constant_times(
+    adjoint: str, t0, t1, dt0, saveat, stepsize_controller
+) -> tuple[Any, Any, Any, diffrax.SaveAt, diffrax.AbstractStepSizeController]:
     """`(t0, t1, dt0, saveat, stepsize_controller)` unchanged, except that
     differentiating through any of their times raises a clear error."""
     t0 = _guard_time(adjoint, "`t0`", t0)

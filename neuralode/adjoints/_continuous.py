@@ -7,7 +7,10 @@ trajectory differs from the forward one, so the gradient is only as accurate as 
 tolerances of both solves.
 """
 
+from typing import Any
+
 import diffrax
+from jaxtyping import ArrayLike, PyTree, Real
 
 from ._closure import closure_convert_terms
 from ._constant_inputs import constant_paths, constant_times
@@ -59,8 +62,18 @@ class ContinuousAdjoint(diffrax.AbstractAdjoint):
             )
 
     def loop(
-        self, *, terms, args, init_state, t0, t1, dt0, saveat, stepsize_controller, **kw
-    ):
+        self,
+        *,
+        terms: PyTree[diffrax.AbstractTerm],
+        args: PyTree,
+        init_state: Any,
+        t0: Real[ArrayLike, ""],
+        t1: Real[ArrayLike, ""],
+        dt0: Real[ArrayLike, ""] | None,
+        saveat: diffrax.SaveAt,
+        stepsize_controller: diffrax.AbstractStepSizeController,
+        **kw: Any,
+    ) -> Any:
         name = "ContinuousAdjoint"
         t0, t1, dt0, saveat, stepsize_controller = constant_times(
             name, t0, t1, dt0, saveat, stepsize_controller
