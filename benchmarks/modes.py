@@ -147,7 +147,7 @@ def measure(sizes: dict) -> dict:
     jax.config.update("jax_default_matmul_precision", MATMUL_PRECISION)
     import jax.numpy as jnp
 
-    import neuralode
+    import neuralode.measure
 
     fns = {k: jax.jit(v) for k, v in methods().items()}
 
@@ -169,10 +169,10 @@ def measure(sizes: dict) -> dict:
                         m=m,
                         d=d,
                         dtype="float32",
-                        time_ms=neuralode.median_time_ms(
+                        time_ms=neuralode.measure.median_time_ms(
                             fn, *a, repeats=sizes["repeats"]
                         ),
-                        xla_temp_bytes=neuralode.xla_temp_bytes(fn, *a),
+                        xla_temp_bytes=neuralode.measure.xla_temp_bytes(fn, *a),
                     )
                 )
     errors = []
@@ -186,7 +186,7 @@ def measure(sizes: dict) -> dict:
                 a64 = tuple(a.astype(jnp.float64) for a in a32)
                 ref = fns["jax.grad"](*a64)
                 for name, fn in fns.items():
-                    per[name].append(neuralode.relative_error(fn(*a32), ref))
+                    per[name].append(neuralode.measure.relative_error(fn(*a32), ref))
             for name, errs in per.items():
                 errors.append(
                     dict(
@@ -203,7 +203,7 @@ def measure(sizes: dict) -> dict:
 
 
 def summarise(result: dict) -> list[dict]:
-    import neuralode
+    import neuralode.measure
 
     out = []
     for name in METHODS:
@@ -220,20 +220,20 @@ def summarise(result: dict) -> list[dict]:
             seed_time=SEED[name][0],
             seed_memory=SEED[name][1],
             seed_stability=SEED[name][2],
-            time_exp_d=neuralode.fit_exponent(
+            time_exp_d=neuralode.measure.fit_exponent(
                 [r["d"] for r in sel["d"]], [r["time_ms"] for r in sel["d"]]
             ),
-            time_exp_m=neuralode.fit_exponent(
+            time_exp_m=neuralode.measure.fit_exponent(
                 [r["m"] for r in sel["m"]], [r["time_ms"] for r in sel["m"]]
             ),
-            memory_exp_m=neuralode.fit_exponent(
+            memory_exp_m=neuralode.measure.fit_exponent(
                 [r["m"] for r in sel["m"]], [r["xla_temp_bytes"] for r in sel["m"]]
             ),
-            memory_exp_d=neuralode.fit_exponent(
+            memory_exp_d=neuralode.measure.fit_exponent(
                 [r["d"] for r in sel["d"]], [r["xla_temp_bytes"] for r in sel["d"]]
             ),
             # Bytes added per layer, in units of one float32 vector of size d.
-            memory_vectors_per_layer=neuralode.fit_increment(
+            memory_vectors_per_layer=neuralode.measure.fit_increment(
                 [r["m"] for r in sel["m"]], [r["xla_temp_bytes"] for r in sel["m"]]
             )
             / (4 * sel["m"][0]["d"]),

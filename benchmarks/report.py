@@ -245,7 +245,7 @@ def stages(name: str) -> int:
 def make_adjoint(strategy: str, n: int, tol=None):
     import diffrax
 
-    import neuralode
+    import neuralode.measure
 
     if strategy == "symplectic":  # every step kept: the O(n·d) schedule measured here
         return neuralode.SymplecticAdjoint(checkpoints="all")
@@ -267,7 +267,7 @@ def jax_problem(c: dict, dtype: str | None = None):
     import equinox as eqx
     import jax.numpy as jnp
 
-    import neuralode
+    import neuralode.measure
 
     dtype = jnp.dtype(dtype or c["dtype"])
     layers, y0 = numpy_problem(c)
@@ -454,13 +454,13 @@ class Measurer:
         with max(ns) as `max_steps` and dt0 = 1/n an input."""
         import jax.numpy as jnp
 
-        import neuralode
+        import neuralode.measure
 
         jax = _jax()
         small = dict(c, depth=1, width=4, batch=2, state_dim=2, dtype="float32")
         params, static, y0 = jax_problem(small)
         dtype = "float32"
-        counter = neuralode.EvaluationCounter()
+        counter = neuralode.measure.EvaluationCounter()
         loss = loss_fn(
             c["strategy"], c["solver"], max(ns), static, dtype, counter=counter
         )
@@ -477,7 +477,7 @@ class Measurer:
     def prepare(self, c) -> dict:
         """Every field of one row except `time_ms` and `peak_bytes`; the compiled
         gradient and its inputs are kept under `"timed"` for `time_ms`."""
-        import neuralode
+        import neuralode.measure
 
         g, params, y0 = config_gradient(c)
         start = time.perf_counter()
@@ -490,8 +490,10 @@ class Measurer:
         return dict(
             xla_temp_bytes=int(compiled.memory_analysis().temp_size_in_bytes),
             compile_s=compile_s,
-            grad_rel_error=neuralode.relative_error(grads, self.exact_reference(c)),
-            grad_rel_error_continuous=neuralode.relative_error(
+            grad_rel_error=neuralode.measure.relative_error(
+                grads, self.exact_reference(c)
+            ),
+            grad_rel_error_continuous=neuralode.measure.relative_error(
                 grads, self.continuous_reference(c)
             ),
             nfe_forward=nfe_forward,
@@ -504,16 +506,18 @@ class Measurer:
 
     def time_ms(self, prepared: dict) -> float:
         """Median time of the prepared gradient (run with nothing else in flight)."""
-        import neuralode
+        import neuralode.measure
 
-        return neuralode.median_time_ms(*prepared["timed"], repeats=self.repeats)
+        return neuralode.measure.median_time_ms(
+            *prepared["timed"], repeats=self.repeats
+        )
 
     def tolerance_rows(self, sizes, strategy, dtype):
         """Gradient error against the converged solve, adaptive Tsit5, rtol = atol = tol,
         for one strategy and dtype (one compile: the tolerance is a traced input)."""
         import jax.numpy as jnp
 
-        import neuralode
+        import neuralode.measure
 
         c = dict(plan(sizes)[0], strategy=strategy, dtype=dtype)
         params, static, y0 = jax_problem(c)
@@ -544,7 +548,7 @@ class Measurer:
                     batch=c["batch"],
                     state_dim=c["state_dim"],
                     grad_rel_error_continuous=(
-                        neuralode.relative_error(grads, ref) if finite else None
+                        neuralode.measure.relative_error(grads, ref) if finite else None
                     ),
                 )
             )
@@ -562,14 +566,14 @@ def _network_key(c: dict) -> tuple:
 def peak_worker(c: dict) -> dict:
     """Run one configuration once in this fresh process and return its device peak
     minus the peak once the inputs were placed."""
-    import neuralode
+    import neuralode.measure
 
     jax = _jax()
     g, params, y0 = config_gradient(c)
     jax.block_until_ready((params, y0))
-    baseline = neuralode.peak_memory_bytes()
+    baseline = neuralode.measure.peak_memory_bytes()
     jax.block_until_ready(g(params, y0))
-    peak = neuralode.peak_memory_bytes()
+    peak = neuralode.measure.peak_memory_bytes()
     return dict(peak_bytes=None if peak is None else peak - baseline)
 
 
@@ -769,7 +773,7 @@ def measure_peaks(configs, deadline, workers) -> tuple[dict, list]:
 def exponents(rows: list[dict]) -> list[dict]:
     """Growth exponents of memory in n, m and d per strategy (log-log least squares over
     the float32 sweep rows), and the memory added per step in units of one state."""
-    import neuralode
+    import neuralode.measure
 
     table = []
     strategies = sorted(
@@ -788,14 +792,15 @@ def exponents(rows: list[dict]) -> list[dict]:
             for metric in ("xla_temp_bytes", "peak_bytes"):
                 pts = [(r[var], r[metric]) for r in sel if r.get(metric) is not None]
                 entry[f"{metric}_exp_{sweep}"] = (
-                    neuralode.fit_exponent(*zip(*pts, strict=False))
+                    neuralode.measure.fit_exponent(*zip(*pts, strict=False))
                     if len(pts) >= 2
                     else None
                 )
                 if sweep == "n":
                     state = sel[0]["state_bytes"] if sel else None
                     entry[f"{metric}_states_per_step"] = (
-                        neuralode.fit_increment(*zip(*pts, strict=False)) / state
+                        neuralode.measure.fit_increment(*zip(*pts, strict=False))
+                        / state
                         if len(pts) >= 2 and state
                         else None
                     )
@@ -1231,7 +1236,7 @@ def main(argv=None):
     import diffrax
     import equinox
 
-    import neuralode
+    import neuralode.measure
 
     measurer = Measurer(sizes["repeats"], configs)
     with_torch = bool(
@@ -1340,7 +1345,7 @@ def main(argv=None):
             rows.append(dict(c, time_ms=None, peak_bytes=peak) | prepared[key])
     for r in torch_rows:
         ref = measurer.continuous_reference(r)
-        r["grad_rel_error_continuous"] = neuralode.relative_error(
+        r["grad_rel_error_continuous"] = neuralode.measure.relative_error(
             [np.asarray(g) for g in r.pop("grads")], ref
         )
         r.pop("torch", None)

@@ -34,15 +34,16 @@ def config(strategy: str, width: int, n_steps: int) -> dict:
 
 def worker(c: dict) -> dict:
     """Error of configuration `c` in this process (its XLA_FLAGS already set)."""
-    import neuralode
+    import neuralode.measure
 
     g, params, y0 = report.config_gradient(c)
     grads = report.flat_grads(g(params, y0))
     ref = report.Measurer(1, [c]).exact_reference(c)
     return dict(
-        grad_rel_error=neuralode.relative_error(grads, ref),
+        grad_rel_error=neuralode.measure.relative_error(grads, ref),
         leaf_errors=[
-            neuralode.relative_error(g, r) for g, r in zip(grads, ref, strict=True)
+            neuralode.measure.relative_error(g, r)
+            for g, r in zip(grads, ref, strict=True)
         ],
     )
 

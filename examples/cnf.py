@@ -24,9 +24,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import neuralode
+import neuralode.measure
+import neuralode.training
+
+import _common
 
 
 class FFJORDField(eqx.Module):
@@ -48,7 +51,7 @@ class FFJORDField(eqx.Module):
             # of all of them gives every point's own Jacobian: two tangents in 2-D
             # through the batched network (faster than a per-point jacfwd under vmap).
             def shifted(v):
-                out = self.field(t, z + v)
+                out = self.field(t, z + jnp.broadcast_to(v, z.shape))
                 return out, out
 
             jac, dz = jax.jacfwd(shifted, has_aux=True)(jnp.zeros(z.shape[-1], z.dtype))
@@ -62,7 +65,7 @@ def log_likelihood(model: neuralode.NeuralODE, x, noise=None):
     sol = model.solve(jnp.array([0.0, 1.0], x.dtype), y0, noise)
     z1, delta = sol.ys[-1, ..., :-1], sol.ys[-1, ..., -1]
     log_base = -0.5 * jnp.sum(z1**2, axis=-1) - 0.5 * z1.shape[-1] * jnp.log(2 * jnp.pi)
-    nfe = neuralode.function_evaluations(model.solver, sol.stats["num_steps"])
+    nfe = neuralode.measure.function_evaluations(model.solver, sol.stats["num_steps"])
     return log_base + delta, nfe
 
 
@@ -92,7 +95,7 @@ def in_chunks(fn, x, size):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    neuralode.add_training_arguments(
+    _common.add_training_arguments(
         parser,
         niters=500,
         batch_size=256,
@@ -115,31 +118,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--num-train",
-        type=neuralode.positive_int,
+        type=_common.positive_int,
         default=20000,
         help="training points (default: 20000)",
     )
     g.add_argument(
         "--num-test",
-        type=neuralode.positive_int,
+        type=_common.positive_int,
         default=5000,
         help="held-out points (default: 5000)",
     )
     g.add_argument(
         "--width",
-        type=neuralode.positive_int,
+        type=_common.positive_int,
         default=64,
         help="hidden width of the MLP field (default: 64)",
     )
     g.add_argument(
         "--depth",
-        type=neuralode.positive_int,
+        type=_common.positive_int,
         default=3,
         help="hidden layers of the MLP field (default: 3)",
     )
     g.add_argument(
         "--grid",
-        type=neuralode.positive_int,
+        type=_common.positive_int,
         default=100,
         help="density plot resolution per axis (default: 100)",
     )
@@ -147,20 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = neuralode.parse_training_args(build_parser(), argv)
+    args = _common.parse_training_args(build_parser(), argv)
     key = jax.random.PRNGKey(args.seed)
     model_key, train_key, test_key, fit_key, sample_key = jax.random.split(key, 5)
     train = neuralode.data.sample_toy_density(args.density, train_key, args.num_train)
     test = neuralode.data.sample_toy_density(args.density, test_key, args.num_test)
 
-    controller, dt0, max_steps = neuralode.stepping_from_args(args, 1.0)
+    controller, dt0, max_steps = _common.stepping_from_args(args, 1.0)
     field = neuralode.MLPField(
         2, args.width, args.depth, time_dependent=True, key=model_key
     )
     model = neuralode.NeuralODE(
         FFJORDField(field, args.hutchinson),
-        solver=neuralode.solver_from_name(args.solver),
-        adjoint=neuralode.adjoint_from_args(args),
+        solver=_common.solver_from_name(args.solver),
+        adjoint=_common.adjoint_from_args(args),
         stepsize_controller=controller,
         dt0=dt0,
         max_steps=max_steps,
@@ -177,32 +180,16 @@ def main(argv: list[str] | None = None) -> dict:
         logp, nfe = log_likelihood(model, x, noise if args.hutchinson else None)
         return -jnp.mean(logp), nfe
 
-    with neuralode.exit_on_training_error():
-        model, metrics = neuralode.fit(
-            loss_fn,
-            model,
-            optax.adam(args.lr),
-            sample_batch,
-            niters=args.niters,
-            key=fit_key,
-            out_dir=args.out,
-            config={
-                "example": "cnf",
-                **neuralode.run_config(args, ignore=("grid", "num_test")),
-            },
-            may_change=neuralode.RESUME_MAY_CHANGE,
-            metadata={
-                "adjoint": args.adjoint,
-                "solver": args.solver,
-                "density": args.density,
-                "hutchinson": args.hutchinson,
-            },
-            checkpoint_every=args.checkpoint_every,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-            desc=f"cnf/{args.adjoint}",
-        )
+    model, metrics = _common.train(
+        args,
+        "cnf",
+        loss_fn,
+        model,
+        sample_batch,
+        fit_key,
+        metadata={"density": args.density, "hutchinson": args.hutchinson},
+        ignore=("grid", "num_test"),
+    )
 
     # Held-out likelihood with the exact trace, whatever the training used.
     exact = eqx.tree_at(lambda m: m.field, model, FFJORDField(model.field.field, False))
@@ -221,8 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
     z1 = jax.random.normal(sample_key, (min(args.num_test, 2000), 2), train.dtype)
     samples = np.asarray(eqx.filter_jit(sample)(model, z1))
 
-    neuralode.save_metrics(os.path.join(args.out, "metrics.json"), metrics)
-    neuralode.plot_loss(
+    neuralode.training.save_metrics(os.path.join(args.out, "metrics.json"), metrics)
+    _common.plot_loss(
         metrics,
         os.path.join(args.out, "loss.png"),
         title=f"CNF {args.density}: training NLL ({args.adjoint})",
@@ -243,11 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def plot_density(data, density, samples, lim, name, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.2), dpi=80)
     bins = np.linspace(-lim, lim, 80)
     axes[0].hist2d(data[:, 0], data[:, 1], bins=bins, cmap="viridis")

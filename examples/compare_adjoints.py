@@ -10,21 +10,21 @@ Options after `--` go to every spiral run, e.g. `-- --solver dopri5 --steps 20`.
 import argparse
 import os
 import platform
-import sys
 
+import jax
 import numpy as np
 
 import neuralode
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import spiral  # noqa: E402
+import _common
+import spiral
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--niters",
-        type=neuralode.positive_int,
+        type=_common.positive_int,
         default=200,
         help="iterations per strategy (default: 200)",
     )
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> str:
                 else f"rtol {config['rtol']}, atol {config['atol']}"
             )
             + f" per window, batch {config['batch_size']}, width {config['width']}; "
-            f"{os.cpu_count()}-core CPU ({platform.machine()}).",
+            f"{device_label()}.",
             "",
             "| strategy | XLA temp memory of the step (KiB) | time per iteration (ms, "
             "median) | compile (s) | forward nfe / iter | final loss |",
@@ -99,6 +99,15 @@ def main(argv: list[str] | None = None) -> str:
     )
     print(table)
     return table
+
+
+def device_label() -> str:
+    """The device the runs computed on: "N-core CPU (machine)" or the accelerator's
+    kind, e.g. "NVIDIA H200 (gpu)"."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return f"{len(os.sched_getaffinity(0))}-core CPU ({platform.machine()})"
+    return f"{device.device_kind} ({device.platform})"
 
 
 if __name__ == "__main__":

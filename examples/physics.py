@@ -16,14 +16,17 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import neuralode
+import neuralode.measure
+import neuralode.training
+
+import _common
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    neuralode.add_training_arguments(
+    _common.add_training_arguments(
         parser,
         niters=1500,
         batch_size=64,
@@ -35,31 +38,31 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("problem")
     g.add_argument(
         "--num-trajectories",
-        type=neuralode.positive_int,
+        type=_common.positive_int,
         default=32,
         help="simulated training trajectories (default: 32)",
     )
     g.add_argument(
         "--num-times",
-        type=neuralode.positive_int,
+        type=_common.positive_int,
         default=201,
         help="samples per trajectory on [0, 10] (default: 201)",
     )
     g.add_argument(
         "--window",
-        type=neuralode.positive_int,
+        type=_common.positive_int,
         default=20,
         help="samples per training window (default: 20)",
     )
     g.add_argument(
         "--width",
-        type=neuralode.positive_int,
+        type=_common.positive_int,
         default=64,
         help="hidden width of the MLP field (default: 64)",
     )
     g.add_argument(
         "--depth",
-        type=neuralode.positive_int,
+        type=_common.positive_int,
         default=2,
         help="hidden layers of the MLP field (default: 2)",
     )
@@ -68,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
-    args = neuralode.parse_training_args(parser, argv)
+    args = _common.parse_training_args(parser, argv)
     if not 2 <= args.window <= args.num_times:
         parser.error(f"--window must be between 2 and --num-times={args.num_times}")
 
@@ -82,13 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
     train, test = trajectories[:-4], trajectories[-4:]
     window_ts = ts[: args.window]
 
-    controller, dt0, max_steps = neuralode.stepping_from_args(
-        args, float(window_ts[-1])
-    )
+    controller, dt0, max_steps = _common.stepping_from_args(args, float(window_ts[-1]))
     model = neuralode.NeuralODE(
         neuralode.MLPField(2, args.width, args.depth, key=model_key),
-        solver=neuralode.solver_from_name(args.solver),
-        adjoint=neuralode.adjoint_from_args(args),
+        solver=_common.solver_from_name(args.solver),
+        adjoint=_common.adjoint_from_args(args),
         stepsize_controller=controller,
         dt0=dt0,
         max_steps=max_steps,
@@ -100,31 +101,20 @@ def main(argv: list[str] | None = None) -> dict:
     def loss_fn(model, batch):
         y0, targets = batch
         sol = model.solve(window_ts, y0)
-        nfe = neuralode.function_evaluations(model.solver, sol.stats["num_steps"])
+        nfe = neuralode.measure.function_evaluations(
+            model.solver, sol.stats["num_steps"]
+        )
         return jnp.mean((sol.ys - targets) ** 2), nfe
 
-    with neuralode.exit_on_training_error():
-        model, metrics = neuralode.fit(
-            loss_fn,
-            model,
-            optax.adam(args.lr),
-            sample_batch,
-            niters=args.niters,
-            key=fit_key,
-            out_dir=args.out,
-            config={"example": "physics", **neuralode.run_config(args)},
-            may_change=neuralode.RESUME_MAY_CHANGE,
-            metadata={
-                "adjoint": args.adjoint,
-                "solver": args.solver,
-                "system": "damped pendulum",
-            },
-            checkpoint_every=args.checkpoint_every,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-            desc=f"physics/{args.adjoint}",
-        )
+    model, metrics = _common.train(
+        args,
+        "physics",
+        loss_fn,
+        model,
+        sample_batch,
+        fit_key,
+        metadata={"system": "damped pendulum"},
+    )
 
     # Roll out from the held-out initial states over the whole span, accurately.
     rollout = diffrax.diffeqsolve(
@@ -141,8 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     ).ys
     rollout = jnp.swapaxes(rollout, 0, 1)
     metrics["rollout_mae"] = float(jnp.mean(jnp.abs(rollout - test)))
-    neuralode.save_metrics(os.path.join(args.out, "metrics.json"), metrics)
-    neuralode.plot_loss(
+    neuralode.training.save_metrics(os.path.join(args.out, "metrics.json"), metrics)
+    _common.plot_loss(
         metrics,
         os.path.join(args.out, "loss.png"),
         title=f"pendulum: training loss ({args.adjoint})",
@@ -161,11 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def plot_rollout(ts, truth, pred, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _common.pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=80)
     for i in range(len(truth)):
         ax1.plot(ts, truth[i, :, 0], "k-", lw=1, label="truth" if i == 0 else None)

@@ -15,9 +15,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import neuralode
+import neuralode.measure
+import neuralode.training
+
+import _common
 
 
 class CubedInputField(eqx.Module):
@@ -32,7 +35,7 @@ class CubedInputField(eqx.Module):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    neuralode.add_training_arguments(
+    _common.add_training_arguments(
         parser,
         niters=2000,
         batch_size=20,
@@ -44,25 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("problem")
     g.add_argument(
         "--num-times",
-        type=neuralode.positive_int,
+        type=_common.positive_int,
         default=1000,
         help="samples of the true trajectory on [0, 25] (default: 1000)",
     )
     g.add_argument(
         "--window",
-        type=neuralode.positive_int,
+        type=_common.positive_int,
         default=20,
         help="samples per training window (default: 20)",
     )
     g.add_argument(
         "--width",
-        type=neuralode.positive_int,
+        type=_common.positive_int,
         default=50,
         help="hidden width of the MLP field (default: 50)",
     )
     g.add_argument(
         "--depth",
-        type=neuralode.positive_int,
+        type=_common.positive_int,
         default=1,
         help="hidden layers of the MLP field (default: 1)",
     )
@@ -71,23 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
-    args = neuralode.parse_training_args(parser, argv)
+    args = _common.parse_training_args(parser, argv)
     if not 2 <= args.window <= args.num_times:
         parser.error(f"--window must be between 2 and --num-times={args.num_times}")
 
     ts, ys = neuralode.data.spiral_trajectory(args.num_times)
     window_ts = ts[: args.window]
-    controller, dt0, max_steps = neuralode.stepping_from_args(
-        args, float(window_ts[-1])
-    )
+    controller, dt0, max_steps = _common.stepping_from_args(args, float(window_ts[-1]))
     model_key, data_key = jax.random.split(jax.random.PRNGKey(args.seed))
     field = CubedInputField(
         neuralode.MLPField(2, args.width, args.depth, key=model_key)
     )
     model = neuralode.NeuralODE(
         field,
-        solver=neuralode.solver_from_name(args.solver),
-        adjoint=neuralode.adjoint_from_args(args),
+        solver=_common.solver_from_name(args.solver),
+        adjoint=_common.adjoint_from_args(args),
         stepsize_controller=controller,
         dt0=dt0,
         max_steps=max_steps,
@@ -99,27 +100,14 @@ def main(argv: list[str] | None = None) -> dict:
     def loss_fn(model, batch):
         y0, targets = batch
         sol = model.solve(window_ts, y0)
-        nfe = neuralode.function_evaluations(model.solver, sol.stats["num_steps"])
+        nfe = neuralode.measure.function_evaluations(
+            model.solver, sol.stats["num_steps"]
+        )
         return jnp.mean(jnp.abs(sol.ys - targets)), nfe
 
-    with neuralode.exit_on_training_error():
-        model, metrics = neuralode.fit(
-            loss_fn,
-            model,
-            optax.adam(args.lr),
-            sample_batch,
-            niters=args.niters,
-            key=data_key,
-            out_dir=args.out,
-            config={"example": "spiral", **neuralode.run_config(args)},
-            may_change=neuralode.RESUME_MAY_CHANGE,
-            metadata={"adjoint": args.adjoint, "solver": args.solver},
-            checkpoint_every=args.checkpoint_every,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-            desc=f"spiral/{args.adjoint}",
-        )
+    model, metrics = _common.train(
+        args, "spiral", loss_fn, model, sample_batch, data_key
+    )
 
     # The whole trajectory from y0, solved accurately: how well the field was learned.
     pred = diffrax.diffeqsolve(
@@ -135,8 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
         throw=False,
     ).ys
     metrics["trajectory_mae"] = float(jnp.mean(jnp.abs(pred - ys)))
-    neuralode.save_metrics(os.path.join(args.out, "metrics.json"), metrics)
-    neuralode.plot_loss(
+    neuralode.training.save_metrics(os.path.join(args.out, "metrics.json"), metrics)
+    _common.plot_loss(
         metrics,
         os.path.join(args.out, "loss.png"),
         title=f"spiral: training loss ({args.adjoint})",
@@ -150,11 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def plot_trajectory(ts, ys, pred, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _common.pyplot()
     ts, ys, pred = np.asarray(ts), np.asarray(ys), np.asarray(pred)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=80)
     for i, style in enumerate(("-", "--")):

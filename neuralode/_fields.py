@@ -5,10 +5,12 @@ passed straight to `diffrax.ODETerm(field)`.
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ._checks import as_bool, as_int
@@ -38,14 +40,14 @@ class MLPField(eqx.Module):
 
     def __init__(
         self,
-        state_dim: int,
-        width: int,
-        depth: int,
+        state_dim: int | np.integer,
+        width: int | np.integer,
+        depth: int | np.integer,
         *,
         activation: Callable[[Array], Array] = jnp.tanh,
         time_dependent: bool = False,
         key: PRNGKeyArray,
-    ):
+    ) -> None:
         state_dim = as_int("MLPField", "state_dim", state_dim)
         width = as_int("MLPField", "width", width)
         depth = as_int("MLPField", "depth", depth, minimum=0)
@@ -60,7 +62,7 @@ class MLPField(eqx.Module):
         )
 
     def __call__(
-        self, t: ArrayLike, y: Float[Array, "... state_dim"], args=None
+        self, t: ArrayLike, y: Float[ArrayLike, "... state_dim"], args: Any = None
     ) -> Float[Array, "... state_dim"]:
         del args
         y = jnp.asarray(y)
@@ -76,7 +78,7 @@ class MLPField(eqx.Module):
                 f"MLPField: `t` must be a scalar, got shape {jnp.shape(t)}."
             )
 
-        def single(y_i):
+        def single(y_i: Float[Array, " state_dim"]) -> Float[Array, " state_dim"]:
             if self.time_dependent:
                 y_i = jnp.concatenate([y_i, jnp.reshape(t, (1,)).astype(y_i.dtype)])
             return self.mlp(y_i)

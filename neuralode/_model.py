@@ -1,10 +1,14 @@
 """`NeuralODE`: a vector field, a Diffrax solver, a step-size controller and a gradient
 strategy, mapping y0 to y(ts)."""
 
+from collections.abc import Callable
+from typing import Any
+
 import diffrax
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, PyTree
+import numpy as np
+from jaxtyping import Array, ArrayLike, PyTree, Real
 
 from ._checks import as_int
 from .adjoints import ADJOINT_NAMES, get_adjoint
@@ -32,7 +36,7 @@ class NeuralODE(eqx.Module):
     statistics). It works under `jax.jit`, `jax.vmap` and `eqx.filter_grad`.
     """
 
-    field: eqx.Module
+    field: Callable[..., PyTree[Array]]
     solver: diffrax.AbstractSolver
     adjoint: diffrax.AbstractAdjoint
     stepsize_controller: diffrax.AbstractStepSizeController
@@ -41,14 +45,14 @@ class NeuralODE(eqx.Module):
 
     def __init__(
         self,
-        field,
+        field: Callable[..., PyTree[Array]],
         *,
         solver: diffrax.AbstractSolver | None = None,
         adjoint: str | diffrax.AbstractAdjoint = "symplectic",
         stepsize_controller: diffrax.AbstractStepSizeController | None = None,
-        dt0: float | None = None,
-        max_steps: int = 4096,
-    ):
+        dt0: float | int | None = None,
+        max_steps: int | np.integer = 4096,
+    ) -> None:
         if not callable(field):
             raise ValueError(
                 f"NeuralODE: `field` must be callable as field(t, y, args), got "
@@ -87,7 +91,7 @@ class NeuralODE(eqx.Module):
         self.max_steps = as_int("NeuralODE", "max_steps", max_steps)
 
     def solve(
-        self, ts: Float[ArrayLike, " times"], y0: PyTree[Array], args=None
+        self, ts: Real[ArrayLike, " times"], y0: PyTree[ArrayLike], args: Any = None
     ) -> diffrax.Solution:
         ts = jnp.asarray(ts)
         if ts.ndim != 1 or ts.shape[0] < 2:
@@ -111,5 +115,8 @@ class NeuralODE(eqx.Module):
             max_steps=self.max_steps,
         )
 
-    def __call__(self, ts: Float[ArrayLike, " times"], y0: PyTree[Array], args=None):
+    def __call__(
+        self, ts: Real[ArrayLike, " times"], y0: PyTree[ArrayLike], args: Any = None
+    ) -> PyTree[Array]:
+        """`ys`, the states at `ts`: `self.solve(ts, y0, args).ys`."""
         return self.solve(ts, y0, args).ys

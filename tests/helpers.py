@@ -1,9 +1,24 @@
+import contextlib
+
 import diffrax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import jaxtyping
 import numpy as np
 
 import neuralode
+
+
+@contextlib.contextmanager
+def as_users_run_it():
+    """Without the run-time type checks of jaxtyping's import hook, under which the
+    suite runs: so that a test sees the library's own errors for bad input, as a user
+    does."""
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", False)
 
 
 def assert_tree_allclose(actual, expected, rtol):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from helpers import scalar_loss, small_problem
 
 import neuralode
+import neuralode.measure
 
 
 def _grad(inp, adjoint, solver, tol):
@@ -37,7 +38,9 @@ def test_continuous_converges_to_the_exact_gradient(getkey):
     for tol in (1e-3, 1e-6, 1e-9):
         adjoint = neuralode.get_adjoint("continuous", rtol=tol, atol=tol, seminorm=True)
         errors.append(
-            neuralode.relative_error(_grad(inp, adjoint, diffrax.Dopri5(), tol), exact)
+            neuralode.measure.relative_error(
+                _grad(inp, adjoint, diffrax.Dopri5(), tol), exact
+            )
         )
     assert errors[0] > 10 * errors[1] > 100 * errors[2], errors
     assert errors[2] < 1e-6, errors

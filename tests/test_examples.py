@@ -2,19 +2,31 @@
 every option is wired, exact strategies give the same loss curve, resume continues
 exactly, bad checkpoints and divergence give clear errors."""
 
+import argparse
 import functools
 import importlib.util
 import json
+import os
 import pathlib
 import shutil
+import signal
+import sys
+import time
 
+import diffrax
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import neuralode
-import neuralode._train as train_module
+import neuralode.training as training
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))  # as when a script runs: its folder comes first
+
+import _common  # noqa: E402
+
 TINY_SPIRAL = [
     "--num-times",
     "40",
@@ -93,13 +105,13 @@ def test_exact_strategies_give_the_same_losses(spiral_runs):
 
 def test_resume_gives_the_same_losses(spiral_runs, tmp_path, monkeypatch):
     saved = []
-    save = train_module.save_checkpoint
+    save = training.Checkpoint.save
     monkeypatch.setattr(
-        train_module,
-        "save_checkpoint",
-        lambda path, state, iteration, *a: (
-            saved.append(iteration),
-            save(path, state, iteration, *a),
+        training.Checkpoint,
+        "save",
+        lambda checkpoint, path: (
+            saved.append(checkpoint.iteration),
+            save(checkpoint, path),
         ),
     )
     first = spiral(
@@ -234,10 +246,11 @@ def test_spiral_nan_stops_with_last_good_checkpoint(tmp_path, capsys):
     assert e.value.code == 1 and "non-finite" in capsys.readouterr().err
     with open(tmp_path / "metrics.json") as f:
         metrics = json.load(f)
-    assert "non-finite" in metrics["stopped"] and len(metrics["loss"]) < 50
-    if metrics["loss"]:
-        header = (tmp_path / "checkpoint.eqx").read_bytes().split(b"\n")[1]
-        assert json.loads(header)["iteration"] == len(metrics["loss"])
+    # The first update is finite (Adam's first step is about lr per weight), the
+    # solve from it overflows: training stops after one iteration, checkpointed.
+    assert "non-finite" in metrics["stopped"] and len(metrics["loss"]) == 1
+    header = (tmp_path / "checkpoint.eqx").read_bytes().split(b"\n")[1]
+    assert json.loads(header)["iteration"] == 1
 
 
 @pytest.mark.parametrize("script", ["spiral", "physics"])
@@ -370,10 +383,129 @@ def test_compare_adjoints_table(tmp_path):
         ]
     )
     lines = table.splitlines()
-    assert "-core CPU" in lines[0]
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        assert f"; {len(os.sched_getaffinity(0))}-core CPU (" in lines[0]
+    else:
+        assert device.device_kind in lines[0] and "CPU" not in lines[0]
     assert lines[2].startswith("| strategy |")
     assert [line.split("|")[1].strip() for line in lines[4:]] == [
         "`backprop`",
         "`symplectic`",
     ]
     assert (tmp_path / "symplectic" / "metrics.json").exists()
+
+
+# The options every example shares (examples/_common.py).
+
+
+def _parser(out):
+    parser = argparse.ArgumentParser(prog="example")
+    return _common.add_training_arguments(
+        parser, niters=10, batch_size=4, lr=1e-3, steps=7, out=str(out)
+    )
+
+
+def test_cli_defaults_and_building(tmp_path):
+    args = _common.parse_training_args(_parser(tmp_path), [])
+    assert (args.steps, args.rtol, args.atol, args.niters) == (7, None, None, 10)
+    assert args.adjoint == "symplectic" and args.solver == "tsit5"
+    controller, dt0, max_steps = _common.stepping_from_args(args, 1.4)
+    assert isinstance(controller, diffrax.ConstantStepSize)
+    assert dt0 == pytest.approx(0.2) and max_steps == 8
+
+    args = _common.parse_training_args(
+        _parser(tmp_path), ["--rtol", "1e-4", "--max-steps", "9"]
+    )
+    assert args.atol == 1e-4 and args.steps is None
+    controller, dt0, max_steps = _common.stepping_from_args(args, 1.0)
+    assert isinstance(controller, diffrax.PIDController) and dt0 is None
+    assert max_steps == 9
+    for name in neuralode.ADJOINT_NAMES:
+        args = _common.parse_training_args(_parser(tmp_path), ["--adjoint", name])
+        assert isinstance(_common.adjoint_from_args(args), diffrax.AbstractAdjoint)
+    for name, cls in _common.SOLVERS.items():
+        assert type(_common.solver_from_name(name)) is cls
+    config = _common.run_config(
+        _common.parse_training_args(_parser(tmp_path), ["--overwrite", "--seed", "3"]),
+        ignore=("seed",),
+    )
+    assert "overwrite" not in config and "niters" not in config
+    assert "seed" not in config and config["lr"] == 1e-3
+    assert set(_common.RESUME_MAY_CHANGE) <= set(config)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--niters", "-3"], "positive integer"),
+        (["--niters", "0"], "positive integer"),
+        (["--batch-size", "x"], "positive integer"),
+        (["--lr", "0"], "positive number"),
+        (["--lr", "nan"], "positive number"),
+        (["--steps", "4", "--rtol", "1e-3"], "cannot be combined"),
+        (["--steps", "4", "--atol", "1e-3"], "cannot be combined"),
+        (["--solver", "rk4"], "invalid choice"),
+        (["--adjoint", "magic"], "invalid choice"),
+        (["--solver", "euler", "--rtol", "1e-3"], "no error estimate"),
+        (["--checkpoint-every", "0"], "positive integer"),
+        (["--max-steps", "9"], "bounds adaptive steps"),
+        (["--steps", "4", "--max-steps", "9"], "bounds adaptive steps"),
+        (["--resume", "--overwrite"], "--overwrite replaces it"),
+        (["--resume"], "no checkpoint to resume from"),
+    ],
+)
+def test_cli_errors(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        _common.parse_training_args(_parser(tmp_path), argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resume_keeps_the_checkpoints_options(tmp_path):
+    first = ["--lr", "0.01", "--batch-size", "8", "--rtol", "1e-4", "--adjoint"]
+    args = _common.parse_training_args(_parser(tmp_path), first + ["backprop"])
+    like = (jnp.zeros(2),)
+    history = {"loss": [], "time_s": [], "nfe": []}
+    training.Checkpoint(like, 0, _common.run_config(args), history).save(
+        tmp_path / "checkpoint.eqx"
+    )
+
+    def resumed(*argv):
+        return _common.parse_training_args(_parser(tmp_path), ["--resume", *argv])
+
+    args = resumed()  # a plain --resume continues the same run
+    assert (args.lr, args.batch_size, args.adjoint) == (0.01, 8, "backprop")
+    assert (args.steps, args.rtol, args.atol, args.max_steps) == (
+        None,
+        1e-4,
+        1e-4,
+        1024,
+    )
+    args = resumed("--lr", "0.001", "--max-steps", "9")
+    assert (args.lr, args.batch_size, args.rtol, args.max_steps) == (1e-3, 8, 1e-4, 9)
+    args = resumed("--steps", "5")  # the step control is replaced as a whole
+    assert (args.steps, args.rtol, args.atol, args.max_steps) == (5, None, None, None)
+
+    # Older checkpoints stored the default max_steps with constant steps too.
+    config = _common.run_config(
+        _common.parse_training_args(_parser(tmp_path), ["--overwrite"])
+    )
+    config["max_steps"] = 1024
+    training.Checkpoint(like, 0, config, history).save(tmp_path / "checkpoint.eqx")
+    args = resumed()
+    assert (args.steps, args.rtol, args.max_steps) == (7, None, None)
+
+
+def test_cli_exits_cleanly_on_sigterm_and_errors(capsys):
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        with _common.exit_on_training_error():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this
+    assert e.value.code == 130 and "stopped: terminated" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is previous
+    with pytest.raises(SystemExit) as e:
+        with _common.exit_on_training_error():
+            raise training.TrainingStopped("iteration 3 failed: ... `max_steps`.")
+    assert e.value.code == 1 and "raise --max-steps" in capsys.readouterr().err

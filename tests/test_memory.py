@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 import neuralode
+import neuralode.measure
 
 BATCH, DIM, WIDTH, DEPTH = 32, 8, 32, 2
 ITEMSIZE = 8  # float64
@@ -42,7 +43,7 @@ def _temp_bytes(adjoint, n, solver=None, max_steps=None, controller=None):
 
         return jax.grad(loss, argnums=(0, 1))(params, y0)
 
-    return neuralode.xla_temp_bytes(grad, params, y0)
+    return neuralode.measure.xla_temp_bytes(grad, params, y0)
 
 
 def _growth_per_step(make_adjoint):

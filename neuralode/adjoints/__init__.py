@@ -1,6 +1,8 @@
 """The gradient strategies, each a `diffrax.AbstractAdjoint`, and the one registry of their
 names: `get_adjoint(name, **options)`."""
 
+from typing import Any
+
 import diffrax
 
 from ._backprop import BackpropAdjoint as BackpropAdjoint
@@ -9,12 +11,12 @@ from ._continuous import ContinuousAdjoint as ContinuousAdjoint
 from ._symplectic import SymplecticAdjoint as SymplecticAdjoint
 
 
-def _make_backprop(**options) -> diffrax.AbstractAdjoint:
+def _make_backprop(**options: Any) -> diffrax.AbstractAdjoint:
     _check_options("backprop", options, ())
     return BackpropAdjoint()
 
 
-def _make_symplectic(**options) -> diffrax.AbstractAdjoint:
+def _make_symplectic(**options: Any) -> diffrax.AbstractAdjoint:
     """`SymplecticAdjoint(checkpoints=...)`: `None` (Diffrax's default number),
     an int, or `"all"` (every step)."""
     _check_options("symplectic", options, ("checkpoints",))
@@ -32,7 +34,7 @@ _CONTINUOUS_OPTIONS = (
 )
 
 
-def _make_continuous(**options) -> diffrax.AbstractAdjoint:
+def _make_continuous(**options: Any) -> diffrax.AbstractAdjoint:
     """`diffrax.BacksolveAdjoint` (inside `ContinuousAdjoint`). `rtol`/`atol` set a `PIDController` for the backward
     solve; `seminorm=True` measures its error only on the state and adjoint state, not on
     the parameter cotangents (Kidger, Chen & Lyons 2021), which needs `rtol` and `atol`.
@@ -56,10 +58,12 @@ def _make_continuous(**options) -> diffrax.AbstractAdjoint:
                 "get_adjoint('continuous'): pass either `rtol`/`atol` or "
                 "`stepsize_controller`, not both."
             )
-        norm = dict(norm=diffrax.adjoint_rms_seminorm) if seminorm else {}
-        options["stepsize_controller"] = diffrax.PIDController(
-            rtol=rtol, atol=atol, **norm
-        )
+        controller = diffrax.PIDController(rtol=rtol, atol=atol)
+        if seminorm:
+            controller = diffrax.PIDController(
+                rtol=rtol, atol=atol, norm=diffrax.adjoint_rms_seminorm
+            )
+        options["stepsize_controller"] = controller
     elif seminorm:
         raise ValueError(
             "get_adjoint('continuous', seminorm=True) needs `rtol` and `atol`: the "
@@ -68,7 +72,7 @@ def _make_continuous(**options) -> diffrax.AbstractAdjoint:
     return ContinuousAdjoint(diffrax.BacksolveAdjoint(**options))
 
 
-def _check_options(name: str, options: dict, valid: tuple[str, ...]) -> None:
+def _check_options(name: str, options: dict[str, Any], valid: tuple[str, ...]) -> None:
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(
@@ -86,7 +90,7 @@ _REGISTRY = {
 ADJOINT_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
-def get_adjoint(name: str, **options) -> diffrax.AbstractAdjoint:
+def get_adjoint(name: str, **options: Any) -> diffrax.AbstractAdjoint:
     """The gradient strategy called `name`, configured by `options`.
 
     **Arguments:**

@@ -68,7 +68,7 @@ def _stages_kept(solver: diffrax.AbstractSolver) -> diffrax.AbstractSolver:
         kind = "bounded"
     elif isinstance(solver, diffrax.AbstractSRK):
         kind = "lax"  # its only un-checkpointed scan
-    if kind is None or solver.scan_kind is not None:
+    if kind is None or getattr(solver, "scan_kind", None) is not None:
         return solver
     return eqx.tree_at(lambda s: s.scan_kind, solver, kind, is_leaf=_is_none)
 

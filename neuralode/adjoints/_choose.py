@@ -231,8 +231,8 @@ def _gradient_bytes(loss_fn, adjoint, args) -> int:
     dynamic, static = eqx.partition(args, eqx.is_array)
     leaves, treedef = jax.tree_util.tree_flatten(dynamic)
     shapes = tuple((x.shape, x.dtype) for x in leaves)
+    key = (loss_fn, adjoint, treedef, shapes, static)
     try:
-        key = (loss_fn, adjoint, treedef, shapes, static)
         return _MEMORY[key]
     except TypeError:  # something unhashable among the static arguments
         key = None
@@ -245,6 +245,11 @@ def _gradient_bytes(loss_fn, adjoint, args) -> int:
         return jax.grad(loss)(inexact)
 
     memory = jax.jit(grad).lower(dynamic).compile().memory_analysis()
+    if memory is None:
+        raise ValueError(
+            f"choose_adjoint: the {jax.devices()[0].platform} backend gives no memory "
+            "analysis of a compiled program, which the choice rests on."
+        )
     needed = int(
         memory.argument_size_in_bytes
         + memory.output_size_in_bytes
@@ -323,7 +328,7 @@ def _fraction_of_device(fraction: float) -> int:
     return int(fraction * stats["bytes_limit"])
 
 
-def _format_bytes(num: float) -> str:
+def _format_bytes(num: int | float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(num) < 1024 or unit == "GiB":
             return f"{num:.0f} {unit}" if unit == "B" else f"{num:.1f} {unit}"

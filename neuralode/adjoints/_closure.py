@@ -13,6 +13,7 @@ from collections.abc import Callable
 import diffrax
 import equinox as eqx
 import jax
+import jax.core
 import jax.tree_util as jtu
 
 

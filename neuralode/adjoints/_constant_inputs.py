@@ -15,11 +15,13 @@ adjoint does when not differentiated, and only differentiating it raises.
 """
 
 import functools as ft
+from typing import Any
 
 import diffrax
 import equinox as eqx
 import equinox.internal as eqxi
 import jax
+import jax.core
 import jax.tree_util as jtu
 
 from . import _diffrax_private as private
@@ -72,7 +74,9 @@ def _is_none(x) -> bool:
     return x is None
 
 
-def constant_times(adjoint: str, t0, t1, dt0, saveat, stepsize_controller):
+def constant_times(
+    adjoint: str, t0, t1, dt0, saveat, stepsize_controller
+) -> tuple[Any, Any, Any, diffrax.SaveAt, diffrax.AbstractStepSizeController]:
     """`(t0, t1, dt0, saveat, stepsize_controller)` unchanged, except that
     differentiating through any of their times raises a clear error."""
     t0 = _guard_time(adjoint, "`t0`", t0)

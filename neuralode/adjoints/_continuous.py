@@ -7,8 +7,11 @@ trajectory differs from the forward one, so the gradient is only as accurate as 
 tolerances of both solves.
 """
 
+from typing import Any
+
 import diffrax
 import jax.tree_util as jtu
+from jaxtyping import ArrayLike, PyTree, Real
 
 from . import _diffrax_private as private
 from ._closure import closure_convert_terms
@@ -65,8 +68,18 @@ class ContinuousAdjoint(diffrax.AbstractAdjoint):
             )
 
     def loop(
-        self, *, terms, args, init_state, t0, t1, dt0, saveat, stepsize_controller, **kw
-    ):
+        self,
+        *,
+        terms: PyTree[diffrax.AbstractTerm],
+        args: PyTree,
+        init_state: Any,
+        t0: Real[ArrayLike, ""],
+        t1: Real[ArrayLike, ""],
+        dt0: Real[ArrayLike, ""] | None,
+        saveat: diffrax.SaveAt,
+        stepsize_controller: diffrax.AbstractStepSizeController,
+        **kw: Any,
+    ) -> Any:
         name = "ContinuousAdjoint"
         init_state = checked_inputs(init_state, terms, args, t0, kw["throw"])
         t0, t1, dt0, saveat, stepsize_controller = constant_times(

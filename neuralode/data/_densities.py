@@ -34,9 +34,8 @@ def _two_spirals(key, n):
 def _checkerboard(key, n):
     k1, k2, k3 = jax.random.split(key, 3)
     x1 = 4 * jax.random.uniform(k1, (n,)) - 2
-    x2 = jax.random.uniform(k2, (n,)) - 2 * jax.random.randint(k3, (n,), 0, 2).astype(
-        float
-    )
+    x2 = jax.random.uniform(k2, (n,))
+    x2 = x2 - 2 * jax.random.randint(k3, (n,), 0, 2).astype(x2.dtype)
     x2 = x2 + jnp.floor(x1) % 2
     return 2 * jnp.stack([x1, x2], axis=-1)
 

@@ -1,5 +1,8 @@
 """Trajectories of known ODEs, and random windows of them for minibatch training."""
 
+from collections.abc import Callable
+from typing import Any
+
 import diffrax
 import jax
 import jax.numpy as jnp
@@ -10,7 +13,9 @@ SPIRAL_A = np.array([[-0.1, 2.0], [-2.0, -0.1]], dtype=np.float32)
 SPIRAL_Y0 = np.array([2.0, 0.0], dtype=np.float32)
 
 
-def spiral_field(t, y, args=None):
+def spiral_field(
+    t: ArrayLike, y: Float[Array, "... 2"], args: Any = None
+) -> Float[Array, "... 2"]:
     """The spiral ODE dy/dt = (y³) A with A = [[-0.1, 2], [-2, -0.1]] (the problem of
     torchdiffeq's `ode_demo.py`); `y` has shape `(..., 2)`."""
     del t, args
@@ -18,8 +23,13 @@ def spiral_field(t, y, args=None):
 
 
 def damped_pendulum_field(
-    t, y, args=None, *, omega_sq: float = 4.0, damping: float = 0.3
-):
+    t: ArrayLike,
+    y: Float[Array, "... 2"],
+    args: Any = None,
+    *,
+    omega_sq: float = 4.0,
+    damping: float = 0.3,
+) -> Float[Array, "... 2"]:
     """A damped pendulum, y = (angle θ, angular velocity ω):
     dθ/dt = ω, dω/dt = −omega_sq·sin θ − damping·ω. `y` has shape `(..., 2)`."""
     del t, args
@@ -28,7 +38,9 @@ def damped_pendulum_field(
 
 
 def simulate(
-    field, y0: Float[ArrayLike, "... dim"], ts: Float[ArrayLike, " times"]
+    field: Callable[[Any, Array, None], Array],
+    y0: Float[ArrayLike, "... dim"],
+    ts: Float[ArrayLike, " times"],
 ) -> Float[Array, "times ... dim"]:
     """Solve dy/dt = field(t, y, None) from `y0` at `ts[0]`, saved at `ts`, accurately
     (Tsit5, rtol 1e-7, atol 1e-9): the ground truth the examples fit.
@@ -50,6 +62,7 @@ def simulate(
         stepsize_controller=diffrax.PIDController(rtol=1e-7, atol=1e-9),
         max_steps=1_000_000,
     )
+    assert sol.ys is not None  # SaveAt(ts=...) saves the states
     return sol.ys
 
 

@@ -489,7 +489,9 @@ def _symplectic_loop_bwd(
         args=args,
         max_steps=max_steps,
     )
-    pull = StepPullback(explicit_tableau(solver), outputs, params, static)
+    tableau = explicit_tableau(solver)
+    assert tableau is not None  # others are solved by `forward_only`
+    pull = StepPullback(tableau, outputs, params, static)
     params_bar = jtu.tree_map(jnp.zeros_like, params)
     lam, params_bar = outputs.at_end(num_steps, t_final, y_final, params_bar)
     carry = (outputs.initial_ts_indices(), lam, params_bar)

@@ -12,6 +12,7 @@ theorem).
 """
 
 import functools as ft
+from typing import Any
 
 import diffrax
 import equinox as eqx
@@ -115,10 +116,10 @@ class EventRoot(eqx.Module):
     """The event time t* and y* = y(t*) a root finder found, whether an event
     happened, and which of the event's conditions triggered."""
 
-    t: object
-    y: object
-    happened: object
-    mask: object
+    t: Any
+    y: Any
+    happened: Any
+    mask: Any
 
 
 class Outputs:
@@ -178,7 +179,9 @@ class Outputs:
             info = dict(y0=y_start, y1=y_end, k=ks)
         return self.solver.interpolation_cls(t0=t_start, t1=t_end, **info).evaluate(t)
 
-    def pull_value(self, out, t, y_of, primals, g, params_bar, of_t=False):
+    def pull_value(
+        self, out, t, y_of, primals, g, params_bar, of_t=False
+    ) -> tuple[Any, Any]:
         """Cotangents of `primals` from the cotangent `g` of the saved value
         `fn(t, y_of(*primals), args)` of `out`; those of `args` and of `fn` are added
         to `params_bar`. With `of_t`, `t` is the first of `primals`, a variable too."""

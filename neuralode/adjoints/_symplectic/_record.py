@@ -14,7 +14,7 @@ last write for a step is the attempt that was accepted.
 """
 
 import functools as ft
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import equinox.internal as eqxi
@@ -28,12 +28,12 @@ from ._schedule import NEVER, STEP_DTYPE, OnlineState, online_init, online_slot
 class Stepping(NamedTuple):
     """What the solve loop takes its next step from."""
 
-    tprev: object
-    tnext: object
-    y: object
-    solver_state: object
-    controller_state: object
-    made_jump: object
+    tprev: Any
+    tnext: Any
+    y: Any
+    solver_state: Any
+    controller_state: Any
+    made_jump: Any
 
 
 def stepping_of(state) -> Stepping:
@@ -50,18 +50,18 @@ def stepping_of(state) -> Stepping:
 class StepRecord(NamedTuple):
     """The start y_n and the interval [t_n, t_{n+1}] of every accepted step."""
 
-    t_start: object
-    t_end: object
-    y_start: object
+    t_start: Any
+    t_end: Any
+    y_start: Any
 
 
 class Checkpoints(NamedTuple):
     """Loop states at the start of some accepted steps (`steps`; `NEVER`: unused)."""
 
-    steps: object
+    steps: Any
     states: Stepping
     online: OnlineState
-    next_step: object  # the accepted step whose start the schedule sees next
+    next_step: Any  # the accepted step whose start the schedule sees next
 
 
 class _EveryStep:
@@ -137,6 +137,7 @@ class _Online:
 def solve(*, num_slots: int | None, max_steps, loop_kwargs: dict):
     """Run Diffrax's solve loop; return its `(final_state, aux_stats)` and the record:
     a `StepRecord` if `num_slots` is `None`, else `num_slots` sorted `Checkpoints`."""
+    recorder: Any
     if num_slots is None:
         recorder = _EveryStep(max_steps)
     else:
@@ -184,12 +185,12 @@ class Stepper(eqx.Module):
     """One attempted step of Diffrax's solve loop, recomputed from a `Stepping`: the
     same solver step, controller decision and clipping at t1, so the same steps."""
 
-    terms: object
-    solver: object
-    controller: object
-    args: object
-    t1: object
-    t1_clip_floor: object
+    terms: Any
+    solver: Any  # an explicit Runge--Kutta solver
+    controller: Any  # a diffrax.AbstractStepSizeController
+    args: Any
+    t1: Any
+    t1_clip_floor: Any
 
     def attempt(self, s: Stepping):
         """`(accepted, next Stepping, the step's (t0, t1, y0, y1, dense info))`."""

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import diffrax
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -98,7 +99,7 @@ def recompute_stages(
     t1,
     y0,
     *,
-    num_computed: int | None = None,
+    num_computed: int | jax.Array | None = None,
 ):
     """The increments k_1..k_{num_stages} of the step from (t0, y0) to t1, as a PyTree
     of `(num_stages, *leaf.shape)` buffers. Nothing is kept for differentiation.

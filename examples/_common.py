@@ -1,23 +1,23 @@
-"""Command-line options the example scripts share: the gradient strategy, the solver and
-its step control, and the training loop's settings, with clear errors for bad values."""
+"""What the example scripts share: their command-line options (the gradient strategy,
+the solver and its step control, the training loop's settings) with clear errors for
+bad values, the call of `neuralode.training.fit` with them, and the loss plot.
+
+The library's errors name its keyword arguments (`resume=True`, `out_dir`); here they
+are reported in terms of the flags that set them (`--resume`, `--out`).
+"""
 
 import argparse
 import contextlib
-import os
-import signal
 import sys
-import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import diffrax
+import numpy as np
+import optax
 
-from ._train import (
-    CHECKPOINT_NAME,
-    CheckpointError,
-    TrainingStopped,
-    check_output_dir,
-    checkpoint_config,
-)
-from .adjoints import ADJOINT_NAMES, get_adjoint
+import neuralode
+import neuralode.training as training
 
 SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
     "euler": diffrax.Euler,
@@ -58,29 +58,21 @@ RESUME_MAY_CHANGE = (
 
 def positive_int(text: str) -> int:
     """`argparse` type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive integer, got {text!r}"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+    return _positive(text, int, "a positive integer")
 
 
 def positive_float(text: str) -> float:
     """`argparse` type: a finite float > 0."""
+    return _positive(text, float, "a positive number")
+
+
+def _positive(text: str, kind: type, what: str) -> Any:
     try:
-        value = float(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive number, got {text!r}"
-        ) from None
-    if not (0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(
-            f"expected a positive number, got {text!r}"
-        ) from None
+        value = None
+    if value is None or not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
 
 
@@ -100,16 +92,16 @@ def add_training_arguments(
     """Add the options every example shares to `parser`, with the example's defaults.
 
     `--adjoint` (choices `neuralode.ADJOINT_NAMES`), `--solver` (choices
-    `neuralode.SOLVERS`), `--steps N` (constant steps: N per solve) or `--rtol`/`--atol`
+    `SOLVERS`), `--steps N` (constant steps: N per solve) or `--rtol`/`--atol`
     (adaptive steps, `--max-steps` bounding them), `--niters`, `--batch-size`, `--lr`,
     `--seed`, `--out`, `--resume`, `--overwrite`, `--checkpoint-every`,
-    `--no-progress`. Parse with `neuralode.parse_training_args`, which checks the
+    `--no-progress`. Parse with `parse_training_args`, which checks the
     combinations and the output directory.
     """
     g = parser.add_argument_group("training")
     g.add_argument(
         "--adjoint",
-        choices=ADJOINT_NAMES,
+        choices=neuralode.ADJOINT_NAMES,
         default=adjoint,
         help=f"gradient strategy (default: {adjoint})",
     )
@@ -192,12 +184,13 @@ def add_training_arguments(
 def parse_training_args(
     parser: argparse.ArgumentParser, argv: list[str] | None = None
 ) -> argparse.Namespace:
-    """Parse `argv`, check the output directory (`neuralode.check_output_dir`) and the
+    """Parse `argv`, check the output directory
+    (`neuralode.training.check_output_dir`) and the
     combinations `add_training_arguments` allows (`--steps` excludes `--rtol`/`--atol`/
     `--max-steps`), so that a mistake is reported before any data is made or anything
     compiled, and fill in the defaults of the step control.
 
-    With `--resume`, the options of `neuralode.RESUME_MAY_CHANGE` that are not given
+    With `--resume`, the options of `RESUME_MAY_CHANGE` that are not given
     keep the checkpoint's values, so that a plain `--resume` continues the same run;
     the step control (`--steps`, `--rtol`, `--atol`, `--max-steps`) is kept or
     replaced as a whole, unless only `--max-steps` is given."""
@@ -209,14 +202,12 @@ def parse_training_args(
     if args.resume and args.overwrite:
         parser.error("--resume continues OUT's checkpoint and --overwrite replaces it")
     try:
-        check_output_dir(args.out, resume=args.resume, overwrite=args.overwrite)
-        saved = (
-            checkpoint_config(os.path.join(args.out, CHECKPOINT_NAME))
-            if args.resume
-            else {}
+        path = training.check_output_dir(
+            args.out, resume=args.resume, overwrite=args.overwrite
         )
-    except CheckpointError as e:
-        parser.error(str(e))
+        saved = training.Checkpoint.read_config(path) if args.resume else {}
+    except training.CheckpointError as e:
+        parser.error(in_flags(str(e)))
     keep = set(RESUME_MAY_CHANGE) - given
     if given & {"steps", "rtol", "atol"}:
         keep -= {"steps", "rtol", "atol", "max_steps"}
@@ -253,7 +244,7 @@ def parse_training_args(
 
 
 def solver_from_name(name: str) -> diffrax.AbstractSolver:
-    """The Diffrax solver called `name`, one of `neuralode.SOLVERS`."""
+    """The Diffrax solver called `name`, one of `SOLVERS`."""
     try:
         return SOLVERS[name]()
     except KeyError:
@@ -277,48 +268,122 @@ def stepping_from_args(
 
 def adjoint_from_args(args: argparse.Namespace) -> diffrax.AbstractAdjoint:
     """The gradient strategy `neuralode.get_adjoint(args.adjoint)`."""
-    return get_adjoint(args.adjoint)
+    return neuralode.get_adjoint(args.adjoint)
 
 
 def run_config(args: argparse.Namespace, ignore: tuple[str, ...] = ()) -> dict:
     """The options that define a run, stored in its checkpoint and compared on
     `--resume`: all but `--niters`, `--out`, `--resume`, `--overwrite`,
     `--checkpoint-every`, `--no-progress` and the example's own `ignore` (options that
-    only change what is evaluated or plotted). Of these, `neuralode.RESUME_MAY_CHANGE`
+    only change what is evaluated or plotted). Of these, `RESUME_MAY_CHANGE`
     may differ on resume."""
     skip = _NOT_CONFIG + ignore
     return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
 
 
+# The library's keyword arguments, as the flags that set them.
+_FLAGS = {
+    "`resume=True`": "--resume",
+    "`overwrite=True`": "--overwrite",
+    "`out_dir`": "--out",
+    "a smaller learning rate": "a smaller --lr",
+}
+
+
+def in_flags(message: str) -> str:
+    """A library error message, with its keyword arguments named as flags."""
+    for keyword, flag in _FLAGS.items():
+        message = message.replace(keyword, flag)
+    return message
+
+
 @contextlib.contextmanager
-def exit_on_training_error():
-    """As a command-line script should: a `neuralode.CheckpointError` or
-    `neuralode.TrainingStopped` (divergence included) becomes a one-line message on
-    stderr and exit status 1; Ctrl-C or SIGTERM, after `neuralode.fit` has checkpointed
-    the last good state, a one-line message and exit status 130."""
-    main_thread = threading.current_thread() is threading.main_thread()
-    if main_thread:  # signal handlers can only be set from the main thread
-
-        def terminate(signum, frame):
-            raise KeyboardInterrupt("terminated")
-
-        previous = signal.signal(signal.SIGTERM, terminate)
+def exit_on_training_error() -> Iterator[None]:
+    """As a command-line script should: a `neuralode.training.CheckpointError` or
+    `TrainingStopped` (divergence included) becomes a one-line message on stderr and
+    exit status 1; Ctrl-C or SIGTERM, after `fit` has checkpointed the last good
+    state, a one-line message and exit status 130."""
     try:
-        yield
-    except (CheckpointError, TrainingStopped) as e:
+        with training.interrupt_on_sigterm():
+            yield
+    except (training.CheckpointError, training.TrainingStopped) as e:
         hint = (
             " (raise --max-steps, or loosen --rtol/--atol)"
             if "max_steps" in str(e)
             else ""
         )
-        print(f"error: {e}{hint}", file=sys.stderr)
+        print(f"error: {in_flags(str(e))}{hint}", file=sys.stderr)
         raise SystemExit(1) from e
     except KeyboardInterrupt as e:
-        print(
-            f"stopped: {str(e) or 'interrupted before training started.'}",
-            file=sys.stderr,
-        )
+        message = in_flags(str(e)) or "interrupted before training started."
+        print(f"stopped: {message}", file=sys.stderr)
         raise SystemExit(130) from e
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+
+
+def train(
+    args: argparse.Namespace,
+    example: str,
+    loss_fn: Callable[[Any, Any], Any],
+    model: Any,
+    sample_batch: Callable[[Any], Any],
+    key: Any,
+    *,
+    metadata: dict[str, Any] | None = None,
+    ignore: tuple[str, ...] = (),
+) -> tuple[Any, dict[str, Any]]:
+    """`neuralode.training.fit` with Adam and the options of `add_training_arguments`,
+    recording the forward solve's function evaluations `nfe` (the `aux` output of
+    `loss_fn`), and errors reported as `exit_on_training_error` says."""
+    with exit_on_training_error():
+        return training.fit(
+            loss_fn,
+            model,
+            optax.adam(args.lr),
+            sample_batch,
+            niters=args.niters,
+            key=key,
+            out_dir=args.out,
+            metrics={"nfe": lambda step: int(step.aux)},
+            config={"example": example, **run_config(args, ignore)},
+            may_change=RESUME_MAY_CHANGE,
+            metadata={
+                "adjoint": args.adjoint,
+                "solver": args.solver,
+                **(metadata or {}),
+            },
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            desc=f"{example}/{args.adjoint}",
+        )
+
+
+def plot_loss(metrics: dict[str, Any], path: str, *, title: str) -> None:
+    """Save a PNG of the training loss per iteration (log scale) to `path`."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=90)
+    losses = metrics["loss"]
+    ax.plot(
+        np.arange(1, len(losses) + 1),
+        losses,
+        lw=1,
+        marker="o" if len(losses) < 2 else None,
+    )
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def pyplot() -> Any:
+    """`matplotlib.pyplot` on the Agg backend (files only, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
