@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import diffrax
+import jax
 import numpy as np
 import optax
 
@@ -46,6 +47,8 @@ _NOT_CONFIG = (
 # be resumed with other values of them, e.g. a smaller --lr after a divergence.
 RESUME_MAY_CHANGE = (
     "adjoint",
+    "checkpoints",
+    "memory_budget",
     "solver",
     "steps",
     "rtol",
@@ -64,6 +67,11 @@ def positive_int(text: str) -> int:
 def positive_float(text: str) -> float:
     """`argparse` type: a finite float > 0."""
     return _positive(text, float, "a positive number")
+
+
+def checkpoints_option(text: str) -> int | str:
+    """`argparse` type: a positive int, or `all`."""
+    return text if text == "all" else _positive(text, int, "a positive integer or all")
 
 
 def _positive(text: str, kind: type, what: str) -> Any:
@@ -101,9 +109,25 @@ def add_training_arguments(
     g = parser.add_argument_group("training")
     g.add_argument(
         "--adjoint",
-        choices=neuralode.ADJOINT_NAMES,
+        choices=(*neuralode.ADJOINT_NAMES, "auto"),
         default=adjoint,
-        help=f"gradient strategy (default: {adjoint})",
+        help=f"gradient strategy (default: {adjoint}); auto: the fastest exact one "
+        "whose gradient fits in --memory-budget (neuralode.choose_adjoint, on the "
+        "training step itself; prints its table)",
+    )
+    g.add_argument(
+        "--checkpoints",
+        type=checkpoints_option,
+        default=None,
+        help="with --adjoint symplectic: checkpoints kept for the backward pass, an "
+        "int or 'all' (every step; default: Diffrax's number, about "
+        "sqrt(2 * max steps))",
+    )
+    g.add_argument(
+        "--memory-budget",
+        default=None,
+        help="with --adjoint auto: the gradient's memory budget, e.g. 2GiB or 500MB, "
+        "or a fraction of the device's memory such as 0.5",
     )
     g.add_argument(
         "--solver",
@@ -232,6 +256,12 @@ def parse_training_args(
             "--max-steps bounds adaptive steps (--rtol/--atol); constant steps take "
             "exactly --steps per solve"
         )
+    if args.checkpoints is not None and args.adjoint != "symplectic":
+        parser.error("--checkpoints sets the schedule of --adjoint symplectic only")
+    if (args.memory_budget is None) != (args.adjoint != "auto"):
+        parser.error("--adjoint auto needs --memory-budget, which only it takes")
+    if args.memory_budget is not None:
+        args.memory_budget = _budget(args.memory_budget)
     if adaptive:
         args.rtol = args.atol if args.rtol is None else args.rtol
         args.atol = args.rtol if args.atol is None else args.atol
@@ -266,9 +296,57 @@ def stepping_from_args(
     return controller, None, args.max_steps
 
 
+def _budget(text: str) -> int | float | str:
+    """`--memory-budget` as `neuralode.choose_adjoint` reads it: a fraction of the
+    device's memory (a number up to 1), bytes (a larger number) or a string with units
+    (`2GiB`), which it checks first thing."""
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return number if number <= 1 else int(number)
+
+
 def adjoint_from_args(args: argparse.Namespace) -> diffrax.AbstractAdjoint:
-    """The gradient strategy `neuralode.get_adjoint(args.adjoint)`."""
+    """The gradient strategy of `--adjoint` (and `--checkpoints`). For `--adjoint
+    auto`, symplectic until `train` chooses on the training step."""
+    if args.adjoint == "auto":
+        return neuralode.SymplecticAdjoint()
+    if args.checkpoints is not None:
+        return neuralode.get_adjoint(args.adjoint, checkpoints=args.checkpoints)
     return neuralode.get_adjoint(args.adjoint)
+
+
+def choose_on_training_step(
+    args: argparse.Namespace, loss_fn: Callable, model: Any, sample_batch: Callable, key
+) -> tuple[Any, str]:
+    """For `--adjoint auto`: `model` with the strategy `neuralode.choose_adjoint` picks
+    for the gradient of `loss_fn` on one batch, and its name (the table is printed).
+    Otherwise `model` and `--adjoint`."""
+    if args.adjoint != "auto":
+        return model, args.adjoint
+    is_adjoint = lambda x: isinstance(x, diffrax.AbstractAdjoint)
+
+    def with_adjoint(model, adjoint):
+        return jax.tree_util.tree_map(
+            lambda x: adjoint if is_adjoint(x) else x, model, is_leaf=is_adjoint
+        )
+
+    try:
+        choice = neuralode.choose_adjoint(
+            lambda adjoint, model, batch: loss_fn(with_adjoint(model, adjoint), batch)[
+                0
+            ],
+            model,
+            sample_batch(key),
+            memory_budget=args.memory_budget,
+        )
+    except ValueError as e:
+        message = str(e).replace("`memory_budget`", "--memory-budget")
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from e
+    print(choice)
+    return with_adjoint(model, choice.adjoint), choice.name
 
 
 def run_config(args: argparse.Namespace, ignore: tuple[str, ...] = ()) -> dict:
@@ -287,6 +365,7 @@ _FLAGS = {
     "`overwrite=True`": "--overwrite",
     "`out_dir`": "--out",
     "a smaller learning rate": "a smaller --lr",
+    "Raise `memory_budget`": "Raise --memory-budget",
 }
 
 
@@ -334,6 +413,7 @@ def train(
     """`neuralode.training.fit` with Adam and the options of `add_training_arguments`,
     recording the forward solve's function evaluations `nfe` (the `aux` output of
     `loss_fn`), and errors reported as `exit_on_training_error` says."""
+    model, adjoint = choose_on_training_step(args, loss_fn, model, sample_batch, key)
     with exit_on_training_error():
         return training.fit(
             loss_fn,
@@ -347,7 +427,7 @@ def train(
             config={"example": example, **run_config(args, ignore)},
             may_change=RESUME_MAY_CHANGE,
             metadata={
-                "adjoint": args.adjoint,
+                "adjoint": adjoint,
                 "solver": args.solver,
                 **(metadata or {}),
             },
@@ -355,7 +435,7 @@ def train(
             resume=args.resume,
             overwrite=args.overwrite,
             progress=not args.no_progress,
-            desc=f"{example}/{args.adjoint}",
+            desc=f"{example}/{adjoint}",
         )
 
 

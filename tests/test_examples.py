@@ -103,6 +103,37 @@ def test_exact_strategies_give_the_same_losses(spiral_runs):
     assert not np.allclose(continuous[1:], reference[1:], rtol=1e-6, atol=0)
 
 
+def test_checkpoints_and_auto_give_the_same_losses(spiral_runs, tmp_path, capsys):
+    reference = spiral_runs["backprop"][1]["loss"]
+    common = [*COARSE, "--niters", 6, "--checkpoint-every", 6]
+    one = spiral(*common, "--checkpoints", 1, "--out", tmp_path / "one")
+    np.testing.assert_allclose(one["loss"], reference, rtol=1e-5)
+    # A budget no full-storage gradient fits: a symplectic one is chosen, on the
+    # training step itself, and its table printed.
+    auto = spiral(
+        *common, "--adjoint", "auto", "--memory-budget", "8KiB", "--out", tmp_path
+    )
+    printed = capsys.readouterr().out
+    assert "chosen: symplectic" in printed and "backprop" in printed, printed
+    assert auto["adjoint"].startswith("symplectic")
+    np.testing.assert_allclose(auto["loss"], reference, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--adjoint", "backprop", "--checkpoints", "2"], "symplectic only"),
+        (["--checkpoints", "0"], "positive integer or all"),
+        (["--adjoint", "auto"], "needs --memory-budget"),
+        (["--memory-budget", "1GiB"], "needs --memory-budget, which only it takes"),
+    ],
+)
+def test_bad_strategy_options(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        spiral(*argv, "--out", tmp_path)
+    assert message in capsys.readouterr().err
+
+
 def test_resume_gives_the_same_losses(spiral_runs, tmp_path, monkeypatch):
     saved = []
     save = training.Checkpoint.save
