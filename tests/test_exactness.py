@@ -198,7 +198,11 @@ def test_saveat_steps_fn_and_subs(getkey):
 
     grad = _compare(
         (y0, args, (field, weight)),
-        strategies=(*STRATEGIES, SCHEDULES[1]),
+        strategies=(
+            *STRATEGIES,
+            SCHEDULES[1],
+            neuralode.SymplecticAdjoint(checkpoints="all", step_activations=True),
+        ),
         solve=solve_with_outputs,
         solver=diffrax.Tsit5(),
         controller=PID,
@@ -274,7 +278,11 @@ def test_solve_stopped_early(stopped_by, getkey):
 def test_backwards_in_time(getkey):
     _compare(
         small_problem(getkey()),
-        strategies=(*STRATEGIES, SCHEDULES[0]),
+        strategies=(
+            *STRATEGIES,
+            SCHEDULES[0],
+            neuralode.SymplecticAdjoint(checkpoints=2, step_activations=True),
+        ),
         solver=diffrax.Tsit5(),
         controller=PID_TIGHT,
         saveat=diffrax.SaveAt(t0=True, ts=SAVE_TS[::-1]),

@@ -19,7 +19,7 @@ def _make_backprop(**options: Any) -> diffrax.AbstractAdjoint:
 def _make_symplectic(**options: Any) -> diffrax.AbstractAdjoint:
     """`SymplecticAdjoint(checkpoints=...)`: `None` (Diffrax's default number),
     an int, or `"all"` (every step)."""
-    _check_options("symplectic", options, ("checkpoints",))
+    _check_options("symplectic", options, ("checkpoints", "step_activations"))
     return SymplecticAdjoint(**options)
 
 
@@ -103,7 +103,7 @@ def get_adjoint(name: str, **options: Any) -> diffrax.AbstractAdjoint:
         `stepsize_controller`, `dt0`, `max_steps` of the backward solve. That solve runs
         from t1 to t0, so its `dt0` is negative for a solve forward in time. For
         `"symplectic"`: `checkpoints` (an int, `"all"`, or `None` for Diffrax's
-        default number). `"backprop"` takes none.
+        default number) and `step_activations` (a bool). `"backprop"` takes none.
 
     **Returns:**
 

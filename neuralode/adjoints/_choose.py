@@ -12,7 +12,8 @@ number of steps the solve actually takes (found by running it once):
   with every step kept; with c checkpoints, Griewank & Walther's count of the forward
   steps of binomial checkpointing, R = t·n − C(c + t, t − 1) for the least t with
   C(c + t, t) ≥ n), and one VJP per stage that recomputes its evaluation (3 evaluations):
-  m·s + (R·m/n)·s + 3·n·s;
+  m·s + (R·m/n)·s + 3·n·s; with `step_activations=True` the VJP of each step does its
+  last recomputation: m·s + ((R − n)·m/n)·s + 3·n·s;
 - `continuous`: the forward solve, and a backward solve of y and the adjoint together,
   assumed to take as many steps: m·s + 4·m·s.
 
@@ -205,9 +206,14 @@ def _probe(loss_fn, args) -> _Solve:
 
 
 def _candidates(solve: _Solve, exact: bool):
-    """Backprop, symplectic with every step kept, and symplectic over a ladder of
-    checkpoints: Diffrax's default number, and powers of two below the steps taken."""
+    """Backprop, symplectic with every step kept (also with each step's activations),
+    and symplectic over a ladder of checkpoints: Diffrax's default number, and powers
+    of two below the steps taken."""
     yield "backprop", BackpropAdjoint()
+    yield (
+        "symplectic (every step, step activations)",
+        SymplecticAdjoint(checkpoints="all", step_activations=True),
+    )
     yield "symplectic (every step)", SymplecticAdjoint(checkpoints="all")
     ladder = set()
     if solve.max_steps is not None:
@@ -271,6 +277,8 @@ def _evaluations(name: str, adjoint, solve: _Solve) -> int:
         return 5 * forward
     slots = adjoint.checkpoints
     recomputed = n if slots == "all" else _forward_steps(n, slots)
+    if adjoint.step_activations:
+        recomputed -= n  # each step's VJP recomputes it
     return forward + math.ceil(recomputed * m / n) * s + 3 * n * s
 
 

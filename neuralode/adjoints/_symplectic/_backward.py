@@ -21,14 +21,28 @@ import jax.tree_util as jtu
 from ._outputs import Outputs, index
 from ._record import Checkpoints, Stepper, StepRecord
 from ._schedule import next_checkpoint
-from ._tableau import ExplicitTableau, outer_weights, pullback_stages, recompute_stages
+from ._tableau import (
+    ExplicitTableau,
+    outer_weights,
+    pullback_stages,
+    recompute_stages,
+    unrolled_stages,
+)
 
 
 class StepPullback:
     """Reverse mode through one accepted step, with the cotangents of its outputs."""
 
-    def __init__(self, tableau: ExplicitTableau, outputs: Outputs, params, static):
+    def __init__(
+        self,
+        tableau: ExplicitTableau,
+        outputs: Outputs,
+        params,
+        static,
+        step_activations: bool = False,
+    ):
         self.tableau = tableau
+        self.step_activations = step_activations
         self.outputs = outputs
         self.params, self.static = params, static
         # y_{n+1} may not need the last stage (FSAL); interpolating needs every one.
@@ -48,9 +62,80 @@ class StepPullback:
         with λ = ∂L/∂y_{n+1} becomes the same with λ = ∂L/∂y_n."""
         ts_indices, lam, params_bar = carry
         t_start, t_end, y_start, _ = step
+        if self.step_activations:
+            ks, pull_stages = self._whole_step(step)
+        else:
+            ks, pull_stages = self._stage_by_stage(n, step, ks, ts_indices, num_steps)
+        y_start_bar = jtu.tree_map(jnp.zeros_like, y_start)
+        k_bar = jtu.tree_map(jnp.zeros_like, ks)
+        cotangents = (ts_indices, y_start_bar, lam, k_bar, params_bar)
+        ts_indices, y_start_bar, lam, k_bar, params_bar = self.outputs.in_step(
+            n, step, ks, cotangents, num_steps
+        )
+        b = jnp.asarray(self.tableau.b[: self.num_stages])
+        k_bar = jtu.tree_map(lambda kb, lm: kb + outer_weights(b, lm), k_bar, lam)
+        y_bar_sum, params_bar = pull_stages(k_bar, params_bar)
+        lam = jtu.tree_map(lambda *x: sum(x), lam, y_bar_sum, y_start_bar)
+        return ts_indices, lam, params_bar
+
+    def _whole_step(self, step):
+        """The stages, recomputed under one VJP of the whole step (every stage's
+        activations kept), and the pullback of their cotangents."""
+        t_start, t_end, y_start, _ = step
+        ks, stages_vjp = jax.vjp(
+            lambda y, p: unrolled_stages(
+                self.tableau,
+                self.num_stages,
+                lambda t, y_: self.vf_prod(p, t, y_, t_start, t_end),
+                t_start,
+                t_end,
+                y,
+            ),
+            y_start,
+            self.params,
+        )
+
+        def pull_stages(k_bar, params_bar):
+            y_bar, params_bar_step = stages_vjp(k_bar)
+            return y_bar, jtu.tree_map(jnp.add, params_bar, params_bar_step)
+
+        return ks, pull_stages
+
+    def _stage_by_stage(self, n, step, ks, ts_indices, num_steps):
+        """The stages, recomputed without residuals (or `ks` given), and the pullback
+        of their cotangents one VJP of f at a time (one evaluation's activations)."""
+        t_start, t_end, y_start, _ = step
+        ks, num_pulled = self._stages(n, step, ks, ts_indices, num_steps)
+
+        def vf_prod_vjp(t, y, cotangent):
+            _, vjp = jax.vjp(
+                lambda y_, p_: self.vf_prod(p_, t, y_, t_start, t_end), y, self.params
+            )
+            return vjp(cotangent)
+
+        def pull_stages(k_bar, params_bar):
+            return pullback_stages(
+                self.tableau,
+                self.num_stages,
+                vf_prod_vjp,
+                t_start,
+                t_end,
+                y_start,
+                ks,
+                k_bar,
+                params_bar,
+                num_pulled=num_pulled,
+            )
+
+        return ks, pull_stages
+
+    def _stages(self, n, step, ks, ts_indices, num_steps):
+        """The step's stages (recomputed without residuals, or `ks` given) and how
+        many of them carry cotangents: a step that is interpolated needs every stage;
+        otherwise y_{n+1} needs `solution_stages`, and their pullback every k but the
+        last."""
+        t_start, t_end, y_start, _ = step
         interpolated = self.outputs.interpolated(n, t_start, ts_indices, num_steps)
-        # A step that is interpolated needs every stage; otherwise y_{n+1} needs
-        # `solution_stages`, and their pullback every k but the last.
         if interpolated is True:
             num_pulled = num_computed = self.num_stages
         elif interpolated is False:
@@ -61,48 +146,18 @@ class StepPullback:
             num_computed = jnp.where(
                 interpolated, self.num_stages, self.solution_stages - 1
             )
-        vf = lambda t, y: self.vf_prod(self.params, t, y, t_start, t_end)
-        if ks is None:
-            ks = recompute_stages(
-                self.tableau,
-                self.num_stages,
-                vf,
-                t_start,
-                t_end,
-                y_start,
-                num_computed=num_computed,
-            )
-        else:
-            ks = jtu.tree_map(lambda k: k[: self.num_stages], ks)
-        y_start_bar = jtu.tree_map(jnp.zeros_like, y_start)
-        k_bar = jtu.tree_map(jnp.zeros_like, ks)
-        cotangents = (ts_indices, y_start_bar, lam, k_bar, params_bar)
-        ts_indices, y_start_bar, lam, k_bar, params_bar = self.outputs.in_step(
-            n, step, ks, cotangents, num_steps
-        )
-        b = jnp.asarray(self.tableau.b[: self.num_stages])
-        k_bar = jtu.tree_map(lambda kb, lm: kb + outer_weights(b, lm), k_bar, lam)
-
-        def vf_prod_vjp(t, y, cotangent):
-            _, vjp = jax.vjp(
-                lambda y_, p_: self.vf_prod(p_, t, y_, t_start, t_end), y, self.params
-            )
-            return vjp(cotangent)
-
-        y_bar_sum, params_bar = pullback_stages(
+        if ks is not None:
+            return jtu.tree_map(lambda k: k[: self.num_stages], ks), num_pulled
+        ks = recompute_stages(
             self.tableau,
             self.num_stages,
-            vf_prod_vjp,
+            lambda t, y: self.vf_prod(self.params, t, y, t_start, t_end),
             t_start,
             t_end,
             y_start,
-            ks,
-            k_bar,
-            params_bar,
-            num_pulled=num_pulled,
+            num_computed=num_computed,
         )
-        lam = jtu.tree_map(lambda *x: sum(x), lam, y_bar_sum, y_start_bar)
-        return ts_indices, lam, params_bar
+        return ks, num_pulled
 
 
 def every_step_reverse(

@@ -121,6 +121,26 @@ def recompute_stages(
     )
 
 
+def unrolled_stages(
+    tableau: ExplicitTableau, num_stages: int, vf_prod: Callable, t0, t1, y0
+):
+    """The increments k_1..k_{num_stages}, as `recompute_stages` gives them, in
+    straight-line code: to differentiate the whole step at once (every stage's
+    activations kept)."""
+    c = jnp.asarray(tableau.c, jnp.result_type(t0))
+    ks = []
+    for i in range(num_stages):
+        y_i = y0
+        for j in range(i):
+            if tableau.a[i, j] != 0:
+                a_ij = tableau.a[i, j]
+                y_i = jtu.tree_map(
+                    lambda y, k, a=a_ij: y + jnp.asarray(a, k.dtype) * k, y_i, ks[j]
+                )
+        ks.append(vf_prod(_stage_time(c[i], t0, t1), y_i))
+    return jtu.tree_map(lambda *k: jnp.stack(k), *ks)
+
+
 def pullback_stages(
     tableau: ExplicitTableau,
     num_stages: int,
