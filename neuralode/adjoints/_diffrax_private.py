@@ -1,4 +1,5 @@
-"""The one place that touches Diffrax internals.
+"""The one place that touches Diffrax internals (and the Equinox loop internals that
+Diffrax's loops are built on).
 
 Tested against diffrax 0.7.2 (pinned in pyproject.toml). Everything else in neuralode
 uses Diffrax's public API. What is borrowed, and why:
@@ -21,9 +22,11 @@ from diffrax._adjoint import (
 from diffrax._heuristics import is_sde as is_sde, is_unsafe_sde as is_unsafe_sde
 from diffrax._integrate import SaveState as SaveState, loop as loop
 from diffrax._saveat import save_y as save_y
+from equinox.internal._loop.common import common_rewrite as common_rewrite
 
 __all__ = [
     "SaveState",
+    "common_rewrite",
     "is_sde",
     "is_unsafe_sde",
     "loop",
