@@ -22,13 +22,13 @@ start=$(date +%s)
 
 backend=$("$PYTHON" -c "import jax; print(jax.default_backend())" 2>/dev/null | tail -n 1)
 REPORT_ARGS=("$@")
-MODES_ARGS=()
+QUICK_ARGS=()
 if [[ " ${REPORT_ARGS[*]-} " == *" --quick "* ]]; then
-    MODES_ARGS+=(--quick)
+    QUICK_ARGS+=(--quick)
 elif [ "$backend" != "gpu" ]; then
     echo "gpu.sh: no GPU (JAX backend: ${backend:-unknown}); running the --quick sizes." >&2
     REPORT_ARGS+=(--quick)
-    MODES_ARGS+=(--quick)
+    QUICK_ARGS+=(--quick)
 fi
 {
     echo "backend: $backend"
@@ -37,8 +37,8 @@ fi
 } > "$OUT/device.txt" 2>&1
 
 status=0
-"$PYTHON" benchmarks/modes.py ${MODES_ARGS[@]+"${MODES_ARGS[@]}"} --out "$OUT" 2>&1 | tee "$OUT/modes.log" || status=1
-"$PYTHON" benchmarks/speed.py --json "$OUT/speed.json" 2>&1 | tee "$OUT/speed.log" || status=1
+"$PYTHON" benchmarks/modes.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} --out "$OUT" 2>&1 | tee "$OUT/modes.log" || status=1
+"$PYTHON" benchmarks/speed.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} --json "$OUT/speed.json" 2>&1 | tee "$OUT/speed.log" || status=1
 if [[ " ${REPORT_ARGS[*]-} " != *" --quick "* && " ${REPORT_ARGS[*]-} " != *" --budget-s "* ]]; then
     # 20 s for the report's start-up and rendering; at least 120 s whatever is left.
     left=$(( ${TOTAL_S:-460} - ($(date +%s) - start) - 20 ))

@@ -69,10 +69,8 @@ def test_every_explicit_solver(solver, getkey):
     # Adaptive where the solver has an error estimate; saves inside steps.
     adaptive = type(solver) not in (diffrax.Euler, RK4)
     controller = PID if adaptive else CONSTANT
-    # `backprop` runs Diffrax's own steps; it is compared on the other tests' cases.
     grad = _compare(
         small_problem(getkey()),
-        strategies=(neuralode.SymplecticAdjoint(),),
         solver=solver,
         controller=controller,
         saveat=diffrax.SaveAt(ts=SAVE_TS),

@@ -1,4 +1,5 @@
-"""The one place that touches Diffrax internals.
+"""The one place that touches Diffrax internals (and the Equinox loop internals that
+Diffrax's loops are built on).
 
 Tested against diffrax 0.7.2 (pinned in pyproject.toml). Everything else in neuralode
 uses Diffrax's public API. What is borrowed, and why:
@@ -27,10 +28,12 @@ from diffrax._integrate import (
     loop as loop,
 )
 from diffrax._saveat import save_y as save_y
+from equinox.internal._loop.common import common_rewrite as common_rewrite
 
 __all__ = [
     "SaveState",
     "clip_to_end",
+    "common_rewrite",
     "is_sde",
     "is_unsafe_sde",
     "loop",
