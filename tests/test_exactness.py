@@ -129,10 +129,10 @@ def solve_forced(inp, **kwargs):
     ids=["tsit5-pid", "dopri5-pid", "dopri8-pid", "user-tableau-constant"],
 )
 def test_checkpoints_recompute_the_steps_taken(solver, controller, getkey):
-    # 1, 2 and 5 checkpoints for tens of steps, and every step kept: each recomputed
-    # step, rejected attempts included, is the step the solve took.
+    # 1, 2 and 5 checkpoints for tens of steps (every step kept: the other tests):
+    # each recomputed step, rejected attempts included, is the step the solve took.
     inp = small_problem(getkey())
-    adjoints = [neuralode.SymplecticAdjoint(checkpoints=c) for c in (1, 5, 64)]
+    adjoints = [neuralode.SymplecticAdjoint(checkpoints=c) for c in (1, 5)]
     kwargs = dict(
         solver=solver, controller=controller, saveat=diffrax.SaveAt(ts=SAVE_TS)
     )
