@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import neuralode
+import neuralode.measure
 
 # (name, adjoint for a solve of at most `max_steps` steps), timed on every problem.
 # Append new strategies here.
@@ -236,7 +237,7 @@ def measure(problem, gradients, params, y0, repeats, max_temp_bytes):
         reference = outputs.get(REFERENCE)
         difference = None
         if reference is not None:
-            difference = neuralode.relative_error(outputs[name], reference)
+            difference = neuralode.measure.relative_error(outputs[name], reference)
         entry["results"].append(
             dict(
                 strategy=name,

@@ -111,7 +111,8 @@ def add_training_arguments(
         "--adjoint",
         choices=(*neuralode.ADJOINT_NAMES, "auto"),
         default=adjoint,
-        help=f"gradient strategy (default: {adjoint}); auto: the fastest exact one "
+        help=f"gradient strategy (default: {adjoint}); auto: the exact one with the "
+        "least estimated work "
         "whose gradient fits in --memory-budget (neuralode.choose_adjoint, on the "
         "training step itself; prints its table)",
     )

@@ -12,6 +12,7 @@ import pytest
 from helpers import assert_tree_allclose, scalar_loss, small_problem, solve
 
 import neuralode
+import neuralode.measure
 from neuralode.adjoints import _backprop
 
 # A 3-step adaptive solve of a small field (batch 8, state 4, width 16).
@@ -40,7 +41,7 @@ def _gradient(max_steps, field=FIELD):
 def test_backprop_arithmetic_follows_the_steps_taken():
     # Evaluations of f executed by the gradient (the forward sweep; the reverse sweep
     # has no callbacks): the same with max_steps = 4k as with 64k, for k steps taken.
-    counter = neuralode.EvaluationCounter()
+    counter = neuralode.measure.EvaluationCounter()
     counted = counter.wrap(FIELD)
     counts = {}
     for max_steps in (12, 192):
@@ -74,7 +75,7 @@ def test_backprop_estimates_its_storage_and_warns_when_large(monkeypatch):
     monkeypatch.setattr(_backprop, "_memory_bytes", lambda: 2**40)
     params, static = eqx.partition(FIELD, eqx.is_array)
     temp = {
-        n: neuralode.xla_temp_bytes(
+        n: neuralode.measure.xla_temp_bytes(
             lambda p, y, n=n: _gradient(n)(eqx.combine(p, static), y), params, Y0
         )
         for n in (64, 128)

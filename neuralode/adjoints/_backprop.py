@@ -28,6 +28,7 @@ little above the number of steps the solve takes (`sol.stats["num_steps"]`).
 import functools
 import operator
 import os
+import typing
 import warnings
 
 import diffrax
@@ -38,6 +39,7 @@ import jax.extend.core as jex
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+from jax.core import ShapedArray
 
 from . import _diffrax_private as private
 from ._input_checks import checked_inputs
@@ -84,9 +86,7 @@ class BackpropAdjoint(diffrax.AbstractAdjoint):
         **kwargs,
     ):
         del passed_solver_state, passed_controller_state
-        kwargs["init_state"] = checked_inputs(
-            kwargs["init_state"], kwargs["terms"], kwargs["args"], kwargs["t0"], throw
-        )
+        init_state = checked_inputs(init_state, terms, args, kwargs["t0"], throw)
         if max_steps is None:
             raise ValueError(
                 "BackpropAdjoint needs `diffeqsolve(..., max_steps=<int>)`: it stores "
@@ -223,10 +223,12 @@ class _StraightLineERK(diffrax.AbstractWrappedSolver):
     after a jump of the field.
     """
 
-    solver: diffrax.AbstractERK
+    # As Diffrax's own wrapped solvers: a field and a property where the base classes
+    # declare abstract variables.
+    solver: diffrax.AbstractERK  # pyright: ignore[reportIncompatibleVariableOverride]
 
     @property
-    def term_structure(self):
+    def term_structure(self):  # pyright: ignore[reportIncompatibleVariableOverride]
         return self.solver.term_structure
 
     @property
@@ -247,7 +249,7 @@ class _StraightLineERK(diffrax.AbstractWrappedSolver):
         return None if state is None else self.func(terms, t0, y0, args)
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        tableau = self.solver.tableau
+        tableau = typing.cast(diffrax.ButcherTableau, self.solver.tableau)
         control = terms.contr(t0, t1)
         time_dtype = jnp.result_type(t0, t1)
 
@@ -336,11 +338,12 @@ def _stored_bytes_per_step(solver, terms, args, state) -> int:
     def residual_bytes(fn, *inputs):
         linear = jax.make_jaxpr(lambda *x: jax.linearize(fn, *x)[1])(*inputs)
         known = set(linear.jaxpr.invars) | set(linear.jaxpr.constvars)
-        return sum(
-            v.aval.size * v.aval.dtype.itemsize
+        avals = [
+            typing.cast(ShapedArray, v.aval)
             for v in linear.jaxpr.outvars
             if isinstance(v, jex.Var) and v not in known
-        )
+        ]
+        return sum(aval.size * aval.dtype.itemsize for aval in avals)
 
     converted, consts = jax.closure_convert(step, state.y)
     try:

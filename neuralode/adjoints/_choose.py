@@ -1,4 +1,5 @@
-"""`choose_adjoint`: the fastest gradient strategy that fits in a memory budget.
+"""`choose_adjoint`: the gradient strategy with the least estimated work that fits in a
+memory budget.
 
 Each candidate's gradient is compiled and its memory read from XLA's static analysis
 (arguments, outputs and temporaries of the compiled program: deterministic, on CPU and
@@ -80,7 +81,8 @@ def choose_adjoint(
     memory_budget: int | float | str,
     exact: bool = True,
 ) -> Choice:
-    """The fastest gradient strategy whose compiled gradient fits in `memory_budget`.
+    """The gradient strategy with the least estimated work (evaluations of f) whose
+    compiled gradient fits in `memory_budget`.
 
     **Arguments:**
 

@@ -76,7 +76,7 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
             once n exceeds (c + 1)(c + 2)/2. `max_steps=None` is then allowed.
         - `"all"` (or any c >= `max_steps`): the start of every step is stored, one
             state per step for `max_steps` steps, and no step is recomputed more
-            than once: the fastest where it fits. Keep `max_steps` near the number of
+            than once. Keep `max_steps` near the number of
             steps needed.
 
     - `step_activations`: pull each recomputed step back with one VJP of the whole
