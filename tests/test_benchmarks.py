@@ -184,3 +184,16 @@ def test_modes_tiny(tmp_path):
     # Memory of the forward recursion does not grow with the depth.
     assert by["forward_recursion"]["memory_exp_m"] < 0.5
     assert np.isfinite(by["backward_recursion"]["time_exp_d"])
+
+
+def test_readme_time_memory_table_is_the_committed_cpu_results():
+    # The README quotes the constant-steps table of benchmarks/checkpoints.py's CPU run.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(
+        os.path.join(root, "benchmarks", "results", "cpu", "checkpoints.md")
+    ) as f:
+        results = f.read()
+    start = results.index("| strategy | memory (MiB) | time (ms) | Pareto |")
+    table = results[start : results.index("## Adaptive solve")].strip()
+    with open(os.path.join(root, "README.md")) as f:
+        assert table in f.read()
