@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from helpers import assert_tree_allclose, scalar_loss
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 
 import neuralode
 
@@ -274,19 +274,19 @@ def _gradients(structure, values, controller, names):
 
 @functools.lru_cache(maxsize=8)
 def _compiled(structure: Structure, with_step_ends: bool):
-    """Solutions and gradients of every adjoint (and the step ends taken, if asked);
-    compiled once per structure (and per dtype, by jit)."""
+    """Solutions and gradients of every adjoint (and, if asked, the accepted steps' ends
+    and whether the solve reached t1); compiled once per structure (and dtype, by jit)."""
 
     @eqx.filter_jit
     def run(values):
         controller = _controller(structure, values)
         results = _gradients(structure, values, controller, tuple(ADJOINTS))
         if not with_step_ends:
-            return results, None
+            return results, None, None
         steps = diffrax.SaveAt(steps=True)
         forward = ADJOINTS["reference"]
-        step_ends = _solve(structure, values, forward, controller, saveat=steps).ts
-        return results, step_ends
+        sol = _solve(structure, values, forward, controller, saveat=steps)
+        return results, sol.ts, sol.result == diffrax.RESULTS.successful
 
     return run
 
@@ -333,26 +333,29 @@ def _relative_errors(actual, expected) -> np.ndarray:
 
 # Criterion in float32. The float64 reference is the exact discrete gradient of the
 # float32 solve's own steps (`StepEnds`), so what separates a float32 result from it is
-# rounding alone. Each exact strategy rounds differently (different orders of the same
-# sums; the symplectic adjoint recomputes stages and accumulates λ stage by stage), so
-# their errors are not equal but of one size: the condition of the problem times
-# float32's epsilon. A strategy therefore passes if its error is at most FACTOR times
-# the larger error of Diffrax's own float32 gradients (reference and backprop), plus
-# ULPS float32 epsilons for leaves where those happen to round almost exactly. A wrong
-# formula shows in float64, at 1e-12; this catches what only float32 shows (a
-# quantity computed in the wrong precision, a cast missing or misplaced).
+# rounding alone. Exact strategies round differently (the same sums in other orders; the
+# symplectic adjoint recomputes the stages and accumulates the cotangents stage by
+# stage), so their errors differ but are of one size: the problem's conditioning times
+# float32's epsilon. So a strategy passes if, leaf by leaf, its error is at most FACTOR
+# times that of the float32 gradients it is measured against (Diffrax's
+# `RecursiveCheckpointAdjoint`, and for `symplectic` also `backprop`, which takes
+# Diffrax's own steps), plus ULPS epsilons for a leaf those happen to round almost
+# exactly (a scalar gradient, a short solve). A wrong formula shows in float64, at
+# 1e-12; this catches what only float32 shows: a quantity computed in the wrong
+# precision, a cast missing or misplaced.
 FACTOR = 4.0
-ULPS = 16
+ULPS = 8
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
+MEASURED_AGAINST = {"symplectic": ("reference", "backprop"), "backprop": ("reference",)}
 
 
 def _assert_float32_rounding(results, reference):
     errors = {
         name: _relative_errors(result, reference) for name, result in results.items()
     }
-    baseline = np.maximum(errors["reference"], errors["backprop"])
-    bound = FACTOR * baseline + ULPS * FLOAT32_EPS
-    for name in ("symplectic", "backprop"):
+    for name, baselines in MEASURED_AGAINST.items():
+        baseline = np.max([errors[b] for b in baselines], axis=0)
+        bound = FACTOR * baseline + ULPS * FLOAT32_EPS
         assert np.all(errors[name] <= bound), (name, errors[name], bound)
 
 
@@ -361,7 +364,7 @@ def test_float64_matches_reference(case):
     structure, value_list = case
     run = _compiled(structure, with_step_ends=False)
     for values in value_list:
-        results, _ = run(values)
+        results, _, _ = run(values)
         reference = results.pop("reference")
         y0_grad = reference[1][0]
         assert all(jnp.any(g != 0) for g in y0_grad)  # not a vacuous comparison
@@ -379,7 +382,12 @@ def test_float32_within_rounding(case):
     # The reference follows given step ends: the controller drawn does not matter.
     run_reference = _compiled_reference(structure._replace(adaptive=False))
     for values in value_list:
-        results, step_ends = run(values)
+        results, step_ends, reached_t1 = run(values)
+        if not reached_t1:
+            # Stopped by max_steps after rejected steps, which the ends do not record:
+            # the replay would not stop there. (Compared in float64.)
+            event("float32: stopped by max_steps, not compared")
+            continue
         values64 = jtu.tree_map(lambda x: jnp.asarray(x, jnp.float64), values)
         ends64 = jnp.asarray(step_ends, jnp.float64)
         reference = run_reference(values64, ends64)["reference"]
