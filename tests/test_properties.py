@@ -1,8 +1,8 @@
 """Property-based exactness: for random explicit Runge--Kutta tableaux, step counts,
-constant and PID steps, save times on, between and at the ends of steps, and a PyTree
-state, `symplectic` and `backprop` give `diffrax.RecursiveCheckpointAdjoint()`'s
-solution and gradients (w.r.t. y0, args and the field's parameters): to 1e-12 relative
-in float64, and in float32 to float32 rounding (see `_assert_float32_rounding`).
+constant and PID steps, save times at and between step ends, and a PyTree state,
+`symplectic` and `backprop` give `diffrax.RecursiveCheckpointAdjoint()`'s solution and
+gradients (w.r.t. y0, args and the field's parameters): to 1e-12 relative in float64,
+and in float32 to float32 rounding (see `_assert_float32_rounding`).
 
 A tableau is static (Diffrax and the adjoints read it as NumPy), so every example costs
 one compile. An example therefore draws a *structure* (tableau, controller, which of
@@ -33,7 +33,8 @@ import neuralode
 
 MAX_STEPS = 32
 STATE_SHAPES = ((3,), (2, 2))
-STATE_SIZE = sum(int(np.prod(shape)) for shape in STATE_SHAPES)
+STATE_SIZES = [int(np.prod(shape)) for shape in STATE_SHAPES]
+STATE_SIZE = sum(STATE_SIZES)
 ADJOINTS = {
     "reference": diffrax.RecursiveCheckpointAdjoint(),
     "symplectic": neuralode.SymplecticAdjoint(),
@@ -92,8 +93,7 @@ class Field(eqx.Module):
     def __call__(self, t, y, args):
         z = jnp.concatenate([jnp.ravel(leaf) for leaf in y])
         out = args * jnp.tanh(self.weight @ z + t * self.bias)
-        sizes = np.cumsum([int(np.prod(shape)) for shape in STATE_SHAPES])[:-1]
-        parts = jnp.split(out, sizes)
+        parts = jnp.split(out, np.cumsum(STATE_SIZES)[:-1])
         return tuple(
             jnp.reshape(p, shape) for p, shape in zip(parts, STATE_SHAPES, strict=True)
         )
