@@ -112,16 +112,16 @@ class Values(NamedTuple):
 
 # --- Drawing ---------------------------------------------------------------------------
 
-_entry = st.one_of(
-    st.just(0.0),
-    st.just(1.0),
-    st.floats(-1.0, 1.0, allow_subnormal=False),
+_generic_entry = st.floats(-1.0, 1.0, allow_subnormal=False).filter(
+    lambda x: x not in (0.0, 1.0)
 )
+# Exact zeros and ones are what make stages unused or special.
+_special_entry = st.one_of(_generic_entry, st.sampled_from([0.0, 1.0]))
 
 
-def _summing_to(draw, n: int, total: float) -> list[float]:
+def _summing_to(draw, entry, n: int, total: float) -> list[float]:
     """`n` entries whose sum is `total`: one drawn index takes what the others leave."""
-    entries = draw(st.lists(_entry, min_size=n, max_size=n))
+    entries = draw(st.lists(entry, min_size=n, max_size=n))
     j = draw(st.integers(0, n - 1))
     entries[j] = total - (sum(entries) - entries[j])
     return entries
@@ -130,27 +130,29 @@ def _summing_to(draw, n: int, total: float) -> list[float]:
 @st.composite
 def tableaux(draw) -> Tableau:
     """Strictly lower-triangular `a` with random entries, random `b` summing to one,
-    `c` the row sums. Edge cases drawn on purpose: zero entries and weights, rows
-    summing to exactly 0 or 1 (Diffrax evaluates a stage with c = 1 at t1 exactly), and
-    first-same-as-last tableaux (last row of `a` equal to `b`, last weight zero)."""
+    `c` the row sums. Edge cases drawn on purpose: entries and weights exactly 0 or 1
+    (in half the tableaux), rows summing to exactly 0 or 1 (Diffrax evaluates a stage
+    with c = 1 at t1 exactly), and first-same-as-last tableaux (last row of `a` equal
+    to `b`, last weight zero)."""
     s = draw(st.integers(2, 5))
-    fsal = draw(st.booleans())
+    entry = draw(st.sampled_from([_generic_entry, _special_entry]))
+    fsal = draw(st.sampled_from([False, False, False, True]))
     a = np.zeros((s, s))
     c = np.zeros(s)
     for i in range(1, s):
-        node = draw(st.sampled_from(["free", "zero", "one"]))
+        node = draw(st.sampled_from(["free", "free", "zero", "one"]))
         if node == "free":
-            a[i, :i] = draw(st.lists(_entry, min_size=i, max_size=i))
+            a[i, :i] = draw(st.lists(entry, min_size=i, max_size=i))
             c[i] = a[i, :i].sum()
         else:
             c[i] = 0.0 if node == "zero" else 1.0
-            a[i, :i] = _summing_to(draw, i, c[i])
+            a[i, :i] = _summing_to(draw, entry, i, c[i])
     if fsal:
-        b = np.array([*_summing_to(draw, s - 1, 1.0), 0.0])
+        b = np.array([*_summing_to(draw, entry, s - 1, 1.0), 0.0])
         a[-1, :-1], c[-1] = b[:-1], 1.0
     else:
-        b = np.array(_summing_to(draw, s, 1.0))
-    b_error = np.array(draw(st.lists(_entry, min_size=s, max_size=s)))
+        b = np.array(_summing_to(draw, entry, s, 1.0))
+    b_error = np.array(draw(st.lists(entry, min_size=s, max_size=s)))
     b_error -= b_error.mean()  # Diffrax requires the error weights to sum to zero
     return Tableau(
         tuple(map(tuple, a.tolist())),
