@@ -51,7 +51,7 @@ class Tableau(NamedTuple):
     c: tuple[float, ...]  # row sums of `a`, exactly 0 or 1 where a row was made so
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=64)
 def _solver(tableau: Tableau) -> diffrax.AbstractERK:
     """A user-defined `AbstractERK` with this tableau, as a user would write one."""
     a = np.array(tableau.a)
@@ -274,7 +274,30 @@ def _gradients(structure, values, controller, names):
     return results
 
 
-@functools.lru_cache(maxsize=8)
+# XLA's CPU executables hold about a thousand memory maps each until JAX's caches are
+# cleared, and Linux allows a process 65530 by default: a long run that kept every drawn
+# structure compiled aborts. So at most MAX_COMPILED are kept, then all are dropped.
+MAX_COMPILED = 16
+_compiled_by_key = {}
+
+
+def _compile_once(build):
+    """`build` once per arguments, forgotten (with JAX's caches) beyond MAX_COMPILED."""
+
+    @functools.wraps(build)
+    def cached(*args, **kwargs):
+        key = (build.__name__, args, tuple(sorted(kwargs.items())))
+        if key not in _compiled_by_key:
+            if len(_compiled_by_key) >= MAX_COMPILED:
+                _compiled_by_key.clear()
+                jax.clear_caches()
+            _compiled_by_key[key] = build(*args, **kwargs)
+        return _compiled_by_key[key]
+
+    return cached
+
+
+@_compile_once
 def _compiled(structure: Structure, with_step_ends: bool):
     """Solutions and gradients of every adjoint (and, if asked, the accepted steps' ends
     and whether the solve reached t1); compiled once per structure (and dtype, by jit)."""
@@ -309,7 +332,7 @@ class StepEnds(diffrax.AbstractStepSizeController):
         return True, t1, self.ends[i], False, i + 1, diffrax.RESULTS.successful
 
 
-@functools.lru_cache(maxsize=8)
+@_compile_once
 def _compiled_reference(structure: Structure):
     """The reference gradient on given step ends (the controller does not matter)."""
 
