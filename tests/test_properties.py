@@ -315,8 +315,8 @@ def _compiled(structure: Structure, with_step_ends: bool):
 
 
 class StepEnds(diffrax.AbstractStepSizeController):
-    """Steps to the given ends (another solve's steps, padded with non-finite values):
-    replays a float32 solve's steps in float64."""
+    """Steps to the given ends (padded with t1): replays the accepted steps of a float32
+    solve in float64."""
 
     ends: jax.Array
 
