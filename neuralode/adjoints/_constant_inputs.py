@@ -70,6 +70,19 @@ def forward_only(message: str, **loop_kwargs):
     return jtu.tree_map(guard, final_state), aux_stats
 
 
+def first_order_only(adjoint: str, cotangents):
+    """`cotangents` (what a custom VJP's backward pass returns) unchanged, except that
+    differentiating them again raises a clear error: it would otherwise fail deep
+    inside JAX (reverse mode of a while loop), with no word of what to use instead."""
+    message = (
+        f"{adjoint} computes first derivatives only; its gradient cannot be "
+        "differentiated again. Use `adjoint=neuralode.BackpropAdjoint()` or "
+        "`diffrax.DirectAdjoint()` for second derivatives (Hessians)."
+    )
+    guard = lambda x: _guard(message, x) if eqx.is_inexact_array(x) else x
+    return jtu.tree_map(guard, cotangents)
+
+
 def _is_none(x) -> bool:
     return x is None
 

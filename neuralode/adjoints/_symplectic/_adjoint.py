@@ -26,14 +26,13 @@ from typing import Literal
 import diffrax
 import equinox as eqx
 import equinox.internal as eqxi
-import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .. import _diffrax_private as private
 from .._closure import closure_convert_event, closure_convert_fn, closure_convert_terms
-from .._constant_inputs import constant_times, forward_only
+from .._constant_inputs import constant_times, first_order_only, forward_only
 from .._input_checks import checked_inputs
 from ._backward import StepPullback, checkpointed_reverse, every_step_reverse
 from ._outputs import EventRoot, Outputs, index, is_subsaveat, per_sub, subs_of
@@ -218,7 +217,7 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
                 **kwargs,
             )
         y0 = init_state.y
-        event, terms, fns, saveat = _closure_converted(
+        event, terms, fns, saveat = closure_converted(
             event,
             terms,
             saveat,
@@ -258,7 +257,7 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         return _transposed(final_state, saveat, event), aux_stats
 
 
-def _closure_converted(event, terms, saveat, init_state, args, **solve_kwargs):
+def closure_converted(event, terms, saveat, init_state, args, **solve_kwargs):
     """`event`, `terms`, the `SaveAt(fn=...)`s and `saveat` with plain `fn`s, with
     every array they close over made a leaf: the custom VJP differentiates only its
     inputs."""
@@ -362,7 +361,7 @@ def _is_none(x) -> bool:
     return x is None
 
 
-def _loop_kwargs(inputs, *, init_state, saveat, **kwargs) -> dict:
+def loop_arguments(inputs, *, init_state, saveat, **kwargs) -> dict:
     """The arguments of Diffrax's solve loop, the differentiable ones from `inputs`."""
     y0, args, terms, fns, event = inputs
     init_state = eqx.tree_at(lambda s: s.y, init_state, y0)
@@ -383,7 +382,7 @@ def _symplectic_loop(inputs, *, num_slots, step_activations, **kwargs):
     return private.loop(
         inner_while_loop=_LAX_WHILE_LOOP,
         outer_while_loop=_LAX_WHILE_LOOP,
-        **_loop_kwargs(inputs, **kwargs),
+        **loop_arguments(inputs, **kwargs),
     )
 
 
@@ -395,7 +394,7 @@ def _symplectic_loop_fwd(
     perturbed, inputs, *, num_slots, step_activations, max_steps, **kwargs
 ):
     del perturbed, step_activations
-    loop_kwargs = _loop_kwargs(inputs, **kwargs)
+    loop_kwargs = loop_arguments(inputs, **kwargs)
     finds_root = _finds_root(inputs[4])
     if finds_root:
         loop_kwargs = _with_t1_save(loop_kwargs, inputs[0])
@@ -518,20 +517,4 @@ def _symplectic_loop_bwd(
         carry = checkpointed_reverse(pull, stepper, record, num_steps, carry)
     _, y0_bar, params_bar = carry
     y0_bar, params_bar = outputs.at_start(y0_bar, params_bar)
-    return jtu.tree_map(_first_order_only, (y0_bar, *params_bar))
-
-
-@jax.custom_jvp
-def _first_order_only(cotangent):
-    return cotangent
-
-
-@_first_order_only.defjvp
-def _first_order_only_jvp(primals, tangents):
-    # Differentiating the gradient would otherwise fail deep inside JAX (reverse mode
-    # of a while loop), with no word of what to use instead.
-    raise NotImplementedError(
-        "SymplecticAdjoint computes first derivatives only; its gradient cannot be "
-        "differentiated again. Use `adjoint=neuralode.BackpropAdjoint()` or "
-        "`diffrax.DirectAdjoint()` for second derivatives (Hessians)."
-    )
+    return first_order_only("SymplecticAdjoint", (y0_bar, *params_bar))

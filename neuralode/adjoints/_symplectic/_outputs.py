@@ -12,6 +12,7 @@ theorem).
 """
 
 import functools as ft
+from collections.abc import Callable
 from typing import Any
 
 import diffrax
@@ -108,6 +109,14 @@ def _materialise(grad_ys, struct, size):
     )
 
 
+def rk_dense_info(solver, y_start, y_end, ks) -> dict:
+    """The dense output Diffrax's explicit RK `solver` gives a step: its ends and, but
+    for Euler, its stages k."""
+    if type(solver) is diffrax.Euler:
+        return dict(y0=y_start, y1=y_end)
+    return dict(y0=y_start, y1=y_end, k=ks)
+
+
 def _identity(y):
     return y
 
@@ -143,6 +152,7 @@ class Outputs:
         y0,
         args,
         max_steps,
+        dense_info: Callable | None = None,
     ):
         grads = per_sub(saveat, grad_save_state)
         self.outputs = [
@@ -160,6 +170,9 @@ class Outputs:
         self.dense_bar = dense_bar
         self.event_root = event_root
         self.solver, self.params, self.static = solver, params, static
+        # A step's dense output from its ends and stages; `ks` may be any PyTree
+        # that a solver other than a plain RK one interpolates with.
+        self.dense_info = dense_info or ft.partial(rk_dense_info, solver)
         self.t0, self.t1, self.y0 = t0, t1, y0
 
     @property
@@ -173,10 +186,7 @@ class Outputs:
         )
 
     def interpolate(self, t_start, t_end, y_start, y_end, ks, t):
-        if type(self.solver) is diffrax.Euler:
-            info = dict(y0=y_start, y1=y_end)
-        else:
-            info = dict(y0=y_start, y1=y_end, k=ks)
+        info = self.dense_info(y_start, y_end, ks)
         return self.solver.interpolation_cls(t0=t_start, t1=t_end, **info).evaluate(t)
 
     def pull_value(

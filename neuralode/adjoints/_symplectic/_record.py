@@ -3,7 +3,8 @@
 Two records, one per schedule:
 
 - `StepRecord`, every accepted step: its start y_n and its interval [t_n, t_{n+1}]
-  (n·|y| memory, no activations of f);
+  (n·|y| memory, no activations of f), or its interval alone (for a scheme that
+  recomputes y_n from y_{n+1}, as the reversible one does);
 - `Checkpoints`, `c` of them: the loop's state at the start of a few accepted steps,
   chosen online (`_schedule.py`), from which `Stepper` recomputes the others exactly as
   the loop took them, rejected attempts included (c·|y| memory, and nothing that grows
@@ -48,7 +49,8 @@ def stepping_of(state) -> Stepping:
 
 
 class StepRecord(NamedTuple):
-    """The start y_n and the interval [t_n, t_{n+1}] of every accepted step."""
+    """The start y_n (or `None`, not kept) and the interval [t_n, t_{n+1}] of every
+    accepted step."""
 
     t_start: Any
     t_end: Any
@@ -65,14 +67,17 @@ class Checkpoints(NamedTuple):
 
 
 class _EveryStep:
-    def __init__(self, max_steps: int):
+    def __init__(self, max_steps: int, keep_states: bool):
         self.max_steps = max_steps
+        self.keep_states = keep_states
 
     def init(self, state) -> StepRecord:
         times = jnp.full(self.max_steps, jnp.inf, jnp.result_type(state.tprev))
-        ys = jtu.tree_map(
-            lambda y: jnp.zeros((self.max_steps, *y.shape), y.dtype), state.y
-        )
+        ys = None
+        if self.keep_states:
+            ys = jtu.tree_map(
+                lambda y: jnp.zeros((self.max_steps, *y.shape), y.dtype), state.y
+            )
         return StepRecord(times, times, ys)
 
     def buffers(self, record: StepRecord):
@@ -80,11 +85,16 @@ class _EveryStep:
 
     def update(self, record: StepRecord, state) -> StepRecord:
         n = state.num_accepted_steps
+        y_start = None
+        if self.keep_states:
+            # (The plain tree first: inside the loop the buffers are wrapped.)
+            y_start = jtu.tree_map(
+                lambda y, buf: buf.at[n].set(y), state.y, record.y_start
+            )
         return StepRecord(
             record.t_start.at[n].set(state.tprev),
             record.t_end.at[n].set(state.tnext),
-            # (The plain tree first: inside the loop the buffers are wrapped.)
-            jtu.tree_map(lambda y, buf: buf.at[n].set(y), state.y, record.y_start),
+            y_start,
         )
 
 
@@ -134,12 +144,15 @@ class _Online:
         )
 
 
-def solve(*, num_slots: int | None, max_steps, loop_kwargs: dict):
+def solve(
+    *, num_slots: int | None, max_steps, loop_kwargs: dict, keep_states: bool = True
+):
     """Run Diffrax's solve loop; return its `(final_state, aux_stats)` and the record:
-    a `StepRecord` if `num_slots` is `None`, else `num_slots` sorted `Checkpoints`."""
+    a `StepRecord` if `num_slots` is `None` (its states `None` unless `keep_states`),
+    else `num_slots` sorted `Checkpoints`."""
     recorder: Any
     if num_slots is None:
-        recorder = _EveryStep(max_steps)
+        recorder = _EveryStep(max_steps, keep_states)
     else:
         recorder = _Online(num_slots, max_steps)
     records = []

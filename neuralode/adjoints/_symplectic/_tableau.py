@@ -84,6 +84,13 @@ def _stage_input(a_i, y0, ks):
     )
 
 
+def step_end(tableau: ExplicitTableau, y0, ks):
+    """y_{n+1} = y_n + Σ_i b_i k_i, from the stages `ks` (the leading ones, as
+    `recompute_stages` gives them: those left out have b_i = 0)."""
+    num_stages = jtu.tree_leaves(ks)[0].shape[0]
+    return _stage_input(jnp.asarray(tableau.b[:num_stages]), y0, ks)
+
+
 def outer_weights(w, x):
     """w_j · x for each weight: shape `(len(w), *x.shape)`, with explicit ranks (clean
     under `jax_numpy_rank_promotion="raise"`)."""
