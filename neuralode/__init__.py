@@ -14,6 +14,8 @@ from .adjoints import (
     BackpropAdjoint as BackpropAdjoint,
     Choice as Choice,
     ContinuousAdjoint as ContinuousAdjoint,
+    Reversible as Reversible,
+    ReversibleAdjoint as ReversibleAdjoint,
     SymplecticAdjoint as SymplecticAdjoint,
     choose_adjoint as choose_adjoint,
     get_adjoint as get_adjoint,

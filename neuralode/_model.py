@@ -11,7 +11,12 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree, Real
 
 from ._checks import as_int
-from .adjoints import ADJOINT_NAMES, get_adjoint
+from .adjoints import (
+    ADJOINT_NAMES,
+    Reversible,
+    ReversibleAdjoint,
+    get_adjoint,
+)
 from .adjoints._input_checks import check_vector_field
 
 
@@ -23,7 +28,8 @@ class NeuralODE(eqx.Module):
     - `field`: the vector field, called as `field(t, y, args)` (e.g. `neuralode.MLPField`).
     - `solver`: a Diffrax solver; `diffrax.Tsit5()` by default.
     - `adjoint`: the gradient strategy: a name from `neuralode.ADJOINT_NAMES` or any
-        `diffrax.AbstractAdjoint`. `"symplectic"` by default.
+        `diffrax.AbstractAdjoint`. `"symplectic"` by default. `"reversible"` needs a
+        `neuralode.Reversible` solver.
     - `stepsize_controller`: `diffrax.ConstantStepSize()` by default (then `dt0` is
         needed), or e.g. `diffrax.PIDController(rtol=1e-5, atol=1e-5)`.
     - `dt0`: the initial (or constant) step size; `None` lets an adaptive controller choose.
@@ -71,6 +77,16 @@ class NeuralODE(eqx.Module):
             raise ValueError(
                 f"NeuralODE: `adjoint` must be one of {list(ADJOINT_NAMES)} or a "
                 f"diffrax.AbstractAdjoint, got {adjoint!r}."
+            )
+        if isinstance(adjoint, ReversibleAdjoint) and not isinstance(
+            self.solver, Reversible
+        ):
+            raise ValueError(
+                "NeuralODE: the reversible adjoint differentiates a "
+                "`neuralode.Reversible` solver only; pass "
+                f"solver=neuralode.Reversible({type(self.solver).__name__}()) (or "
+                "`adjoint.wrap(solver)`): the reversible scheme built on it, whose "
+                "solution differs from the plain solver's."
             )
         self.adjoint = adjoint
         if stepsize_controller is None:

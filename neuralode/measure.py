@@ -24,6 +24,8 @@ import jax.stages
 import numpy as np
 from jaxtyping import Array, ArrayLike, Int, PyTree
 
+from .adjoints import Reversible
+
 _Number = float | int | np.integer | np.floating
 
 
@@ -140,8 +142,9 @@ def function_evaluations(
 
     **Arguments:**
 
-    - `solver`: the Diffrax solver used: `diffrax.Euler` or an explicit Runge--Kutta
-        solver (`diffrax.AbstractERK`).
+    - `solver`: the Diffrax solver used: `diffrax.Euler`, an explicit Runge--Kutta
+        solver (`diffrax.AbstractERK`), or `neuralode.Reversible` around one (two
+        steps of it per step, each evaluating all `s` stages: `2·s`).
     - `num_steps`: `solution.stats["num_steps"]`.
 
     **Returns:**
@@ -149,6 +152,8 @@ def function_evaluations(
     The number of evaluations, an integer array like `num_steps`.
     """
     num_steps = jnp.asarray(num_steps)
+    if isinstance(solver, Reversible):
+        return 2 * solver.base_tableau.num_stages * num_steps
     if type(solver) is diffrax.Euler:
         return num_steps
     tableau = getattr(solver, "tableau", None)

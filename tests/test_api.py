@@ -13,6 +13,8 @@ LIBRARY = {
     "ContinuousAdjoint",
     "MLPField",
     "NeuralODE",
+    "Reversible",
+    "ReversibleAdjoint",
     "SymplecticAdjoint",
     "choose_adjoint",
     "data",

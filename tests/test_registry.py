@@ -6,9 +6,15 @@ import neuralode
 
 
 def test_names_map_to_strategies():
-    assert neuralode.ADJOINT_NAMES == ("backprop", "continuous", "symplectic")
+    assert neuralode.ADJOINT_NAMES == (
+        "backprop",
+        "continuous",
+        "symplectic",
+        "reversible",
+    )
     assert isinstance(neuralode.get_adjoint("backprop"), neuralode.BackpropAdjoint)
     assert isinstance(neuralode.get_adjoint("symplectic"), neuralode.SymplecticAdjoint)
+    assert isinstance(neuralode.get_adjoint("reversible"), neuralode.ReversibleAdjoint)
     continuous = neuralode.get_adjoint("continuous")
     assert isinstance(continuous, neuralode.ContinuousAdjoint)
     assert isinstance(continuous.backsolve, diffrax.BacksolveAdjoint)
@@ -17,7 +23,9 @@ def test_names_map_to_strategies():
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match="backprop.*continuous.*symplectic"):
+    with pytest.raises(
+        ValueError, match="backprop.*continuous.*symplectic.*reversible"
+    ):
         neuralode.get_adjoint("adjoint")
 
 
@@ -28,6 +36,8 @@ def test_unknown_option_lists_valid_options():
         neuralode.get_adjoint("symplectic", rtol=1e-3)
     with pytest.raises(ValueError, match="unknown option"):
         neuralode.get_adjoint("backprop", checkpoints=3)
+    with pytest.raises(ValueError, match="coupling"):
+        neuralode.get_adjoint("reversible", checkpoints=3)
 
 
 def test_symplectic_checkpoints_option():
@@ -67,3 +77,20 @@ def test_continuous_adjoint_defaults_to_backsolve():
     with as_users_run_it():
         with pytest.raises(ValueError, match="must be a diffrax.BacksolveAdjoint"):
             neuralode.ContinuousAdjoint(diffrax.RecursiveCheckpointAdjoint())
+
+
+def test_reversible_coupling_option():
+    adjoint = neuralode.get_adjoint("reversible", coupling=0.9)
+    assert adjoint.coupling == 0.9
+    assert adjoint.wrap(diffrax.Heun()) == neuralode.Reversible(diffrax.Heun(), 0.9)
+    default = neuralode.get_adjoint("reversible").wrap(diffrax.Tsit5())
+    assert default.coupling == 0.999
+    for bad in (0.0, -0.5, 1.5, True, "0.9"):
+        with as_users_run_it():
+            with pytest.raises(ValueError, match="`coupling` must be a number"):
+                neuralode.get_adjoint("reversible", coupling=bad)
+            with pytest.raises(ValueError, match="`coupling` must be a number"):
+                neuralode.Reversible(diffrax.Tsit5(), coupling=bad)
+    with as_users_run_it():
+        with pytest.raises(ValueError, match="explicit Runge--Kutta"):
+            neuralode.Reversible(diffrax.Kvaerno3())

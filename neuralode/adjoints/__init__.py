@@ -8,6 +8,10 @@ import diffrax
 from ._backprop import BackpropAdjoint as BackpropAdjoint
 from ._choose import Choice as Choice, choose_adjoint as choose_adjoint
 from ._continuous import ContinuousAdjoint as ContinuousAdjoint
+from ._reversible import (
+    Reversible as Reversible,
+    ReversibleAdjoint as ReversibleAdjoint,
+)
 from ._symplectic import SymplecticAdjoint as SymplecticAdjoint
 
 
@@ -21,6 +25,12 @@ def _make_symplectic(**options: Any) -> diffrax.AbstractAdjoint:
     an int, or `"all"` (every step)."""
     _check_options("symplectic", options, ("checkpoints", "step_activations"))
     return SymplecticAdjoint(**options)
+
+
+def _make_reversible(**options: Any) -> diffrax.AbstractAdjoint:
+    """`ReversibleAdjoint(coupling=...)`: the λ with which it wraps solvers."""
+    _check_options("reversible", options, ("coupling",))
+    return ReversibleAdjoint(**options)
 
 
 _CONTINUOUS_OPTIONS = (
@@ -85,6 +95,7 @@ _REGISTRY = {
     "backprop": _make_backprop,
     "continuous": _make_continuous,
     "symplectic": _make_symplectic,
+    "reversible": _make_reversible,
 }
 
 ADJOINT_NAMES: tuple[str, ...] = tuple(_REGISTRY)
@@ -98,12 +109,16 @@ def get_adjoint(name: str, **options: Any) -> diffrax.AbstractAdjoint:
     - `name`: one of `neuralode.ADJOINT_NAMES`: `"backprop"` (every intermediate kept),
         `"continuous"` (`neuralode.ContinuousAdjoint` around `diffrax.BacksolveAdjoint`:
         continuous adjoint, approximate),
-        `"symplectic"` (`neuralode.SymplecticAdjoint`: exact, memory-lean).
+        `"symplectic"` (`neuralode.SymplecticAdjoint`: exact, memory-lean),
+        `"reversible"` (`neuralode.ReversibleAdjoint`: exact for a
+        `neuralode.Reversible` solver, memory independent of the number of steps).
     - `options`: for `"continuous"`: `rtol`, `atol`, `seminorm`, `solver`,
         `stepsize_controller`, `dt0`, `max_steps` of the backward solve. That solve runs
         from t1 to t0, so its `dt0` is negative for a solve forward in time. For
         `"symplectic"`: `checkpoints` (an int, `"all"`, or `None` for Diffrax's
-        default number) and `step_activations` (a bool). `"backprop"` takes none.
+        default number) and `step_activations` (a bool). For `"reversible"`:
+        `coupling` (λ, with which `ReversibleAdjoint.wrap` makes a solver
+        reversible). `"backprop"` takes none.
 
     **Returns:**
 
