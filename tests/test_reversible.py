@@ -108,17 +108,12 @@ def test_equals_recursive_checkpointing_on_the_same_solver(case, getkey):
         assert len(set(steps.tolist())) > 1, f"members took the same steps: {steps}"
 
 
-def test_works_under_other_adjoints(getkey):
-    # A Diffrax solver like any other: backprop and Diffrax's DirectAdjoint give the
-    # reference gradient too, the continuous adjoint an approximation of it.
+def test_works_under_the_continuous_adjoint(getkey):
+    # A Diffrax solver like any other: the continuous adjoint, which solves backwards
+    # between the save times and restarts the pair (z = y) where it adds their
+    # cotangents, approximates the exact gradient.
     inp = small_problem(getkey())
     saveat = diffrax.SaveAt(ts=SAVE_TS)
-    adjoints = (
-        diffrax.RecursiveCheckpointAdjoint(),
-        neuralode.BackpropAdjoint(),
-        diffrax.DirectAdjoint(),
-        neuralode.ContinuousAdjoint(),
-    )
 
     @eqx.filter_jit
     def run(inp):
@@ -126,13 +121,11 @@ def test_works_under_other_adjoints(getkey):
             eqx.filter_grad(_loss, has_aux=True)(
                 inp, adjoint, diffrax.Heun(), CONSTANT, saveat, False
             )[0]
-            for adjoint in adjoints
+            for adjoint in (neuralode.ReversibleAdjoint(), neuralode.ContinuousAdjoint())
         ]
 
-    reference, backprop, direct, continuous = run(inp)
-    assert_tree_allclose(backprop, reference, 1e-12)
-    assert_tree_allclose(direct, reference, 1e-12)
-    assert neuralode.measure.relative_error(continuous, reference) < 1e-2
+    exact, continuous = run(inp)
+    assert neuralode.measure.relative_error(continuous, exact) < 1e-4
 
 
 def _linear(matrix):
@@ -212,30 +205,31 @@ def test_memory_does_not_grow_with_steps():
     assert large <= 1.1 * small, (small, large)
 
 
-def test_converges_at_the_base_order():
-    # Reversible(Tsit5()) on y' = A y over [0, 1]: the error at t1 falls as h^5.
+@pytest.mark.parametrize(
+    "base", [diffrax.Euler(), diffrax.Heun(), diffrax.Tsit5()], ids=lambda s: type(s).__name__
+)
+def test_converges_at_the_base_order(base):
+    # On y' = A y over [0, 1] the error at t1 falls with h as the wrapped solver's
+    # does: the fitted order is at least the solver's and within 0.3 of the order the
+    # solver itself shows here (Tsit5 shows more than 5 on a linear field at these h).
     matrix = jnp.array([[-0.3, 2.0], [-2.0, -0.3]])
     term = _linear(matrix)
     y0 = jnp.array([1.0, 0.0])
     exact = jax.scipy.linalg.expm(matrix) @ y0
-    ns = (4, 8, 16, 32)
+    ns = np.array([4, 8, 16, 32])
 
-    @jax.jit
-    def error(dt0):
-        sol = diffrax.diffeqsolve(
-            term,
-            neuralode.Reversible(diffrax.Tsit5()),
-            0.0,
-            1.0,
-            dt0,
-            y0,
-            max_steps=max(ns),
-        )
+    @eqx.filter_jit
+    def error(solver, dt0):
+        sol = diffrax.diffeqsolve(term, solver, 0.0, 1.0, dt0, y0, max_steps=64)
         return jnp.max(jnp.abs(sol.ys[-1] - exact))
 
-    errors = np.array([float(error(1.0 / n)) for n in ns])
-    orders = np.log2(errors[:-1] / errors[1:])
-    assert np.all(orders > 4.5) and np.all(orders < 5.6), (errors, orders)
+    def fitted_order(solver):
+        errors = np.array([float(error(solver, 1.0 / n)) for n in ns])
+        return np.polyfit(np.log(1.0 / ns), np.log(errors), 1)[0]
+
+    order = fitted_order(neuralode.Reversible(base))
+    assert order > base.order(term) - 0.2, order
+    assert abs(order - fitted_order(base)) < 0.3, (order, fitted_order(base))
 
 
 def test_plain_solver_is_solved_then_refused():
@@ -245,7 +239,7 @@ def test_plain_solver_is_solved_then_refused():
     kwargs = dict(
         solver=diffrax.Tsit5(), controller=CONSTANT, saveat=diffrax.SaveAt(ts=SAVE_TS)
     )
-    values = jax.jit(
+    values = eqx.filter_jit(
         lambda inp: [
             solve(inp, adjoint=a, **kwargs).ys
             for a in (
@@ -270,6 +264,15 @@ def test_plain_solver_is_solved_then_refused():
         ("an event", dict(event=diffrax.Event(lambda t, y, args, **kw: t > 0.5))),
         ("dense", dict(saveat=diffrax.SaveAt(dense=True, t1=True))),
         ("max_steps", dict(max_steps=None)),
+        (
+            "jump_ts",
+            dict(
+                stepsize_controller=diffrax.PIDController(
+                    rtol=1e-3, atol=1e-3, jump_ts=jnp.array([0.55])
+                ),
+                max_steps=256,
+            ),
+        ),
     ],
 )
 def test_what_it_cannot_differentiate_is_refused(what, solve_kwargs):

@@ -116,7 +116,13 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         )
         self._check_coupling_matches(solver)
         unsupported = _unsupported(
-            terms, solver, event, saveat, max_steps, passed_solver_state
+            terms,
+            solver,
+            event,
+            saveat,
+            max_steps,
+            passed_solver_state,
+            kwargs["stepsize_controller"],
         )
         solve_kwargs = dict(solver=solver, saveat=saveat, t0=t0, t1=t1, dt0=dt0)
         solve_kwargs.update(max_steps=max_steps, **kwargs)
@@ -160,7 +166,9 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             )
 
 
-def _unsupported(terms, solver, event, saveat, max_steps, passed_solver_state):
+def _unsupported(
+    terms, solver, event, saveat, max_steps, passed_solver_state, controller
+):
     """Why this adjoint cannot differentiate the solve, with an alternative, or
     `None`. (A solve that is not differentiated runs whatever the answer.)"""
     rca = "`adjoint=diffrax.RecursiveCheckpointAdjoint()`"
@@ -198,7 +206,18 @@ def _unsupported(terms, solver, event, saveat, max_steps, passed_solver_state):
         return _refusal("`UnsafeBrownianPath`", "`diffrax.VirtualBrownianTree`")
     if passed_solver_state:
         return _refusal("a passed `solver_state` (z_0 = y_0 is its start)", rca)
+    if _has_jump_ts(controller):
+        return _refusal(
+            "`jump_ts` (the pair restarts there, z_n = y_n, which cannot be undone)",
+            f"`step_ts` or {rca}",
+        )
     return None
+
+
+def _has_jump_ts(controller) -> bool:
+    if not isinstance(controller, diffrax.ClipStepSizeController):
+        return False
+    return controller.jump_ts is not None or _has_jump_ts(controller.controller)
 
 
 def _refusal(what: str, instead: str) -> str:

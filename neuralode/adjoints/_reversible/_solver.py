@@ -137,8 +137,10 @@ class Reversible(diffrax.AbstractSolver):
         return y0  # z_0 = y_0
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        del made_jump  # each step of the wrapped solver starts afresh
-        z0 = solver_state
+        # After a jump in y (a `jump_ts`, or the cotangent added between the
+        # segments of a backsolve) the pair restarts: z_n = y_n. Each step of the
+        # wrapped solver starts afresh anyway.
+        z0 = jtu.tree_map(lambda y, z: jnp.where(made_jump, y, z), y0, solver_state)
         z_step, y_error, base_info, result_1 = self._base_step(terms, t0, t1, z0, args)
         y1 = jtu.tree_map(lambda y, z, zs: self.coupling * (y - z) + zs, y0, z0, z_step)
         y_back, _, _, result_2 = self._base_step(terms, t1, t0, y1, args)
