@@ -284,6 +284,22 @@ def solver_from_name(name: str) -> diffrax.AbstractSolver:
         ) from None
 
 
+def solver_from_args(args: argparse.Namespace) -> diffrax.AbstractSolver:
+    """The solver of `--solver`; for `--adjoint reversible`, which differentiates
+    only reversible solvers, made reversible (`neuralode.Reversible`), saying so."""
+    solver = solver_from_name(args.solver)
+    if args.adjoint != "reversible":
+        return solver
+    reversible = neuralode.ReversibleAdjoint().wrap(solver)
+    print(
+        f"--adjoint reversible: solving with neuralode.Reversible("
+        f"{type(solver).__name__}(), coupling={reversible.coupling}), the "
+        f"algebraically reversible scheme built on {args.solver} (another "
+        "discretisation of the same ODE, of the same order)"
+    )
+    return reversible
+
+
 def stepping_from_args(
     args: argparse.Namespace, duration: float
 ) -> tuple[diffrax.AbstractStepSizeController, float | None, int]:

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     model = neuralode.NeuralODE(
         FFJORDField(field, args.hutchinson),
-        solver=_common.solver_from_name(args.solver),
+        solver=_common.solver_from_args(args),
         adjoint=_common.adjoint_from_args(args),
         stepsize_controller=controller,
         dt0=dt0,

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     model = neuralode.NeuralODE(
         field,
-        solver=_common.solver_from_name(args.solver),
+        solver=_common.solver_from_args(args),
         adjoint=_common.adjoint_from_args(args),
         stepsize_controller=controller,
         dt0=dt0,
