@@ -119,6 +119,17 @@ def test_checkpoints_and_auto_give_the_same_losses(spiral_runs, tmp_path, capsys
     np.testing.assert_allclose(auto["loss"], reference, rtol=1e-5)
 
 
+def test_reversible_wraps_the_solver(tmp_path, capsys):
+    metrics = spiral(
+        *COARSE, "--niters", 2, "--adjoint", "reversible", "--out", tmp_path
+    )
+    assert "solving with neuralode.Reversible(Euler(), coupling=" in (
+        capsys.readouterr().out
+    )
+    assert metrics["nfe"] == [6, 6]  # two Euler steps per step, 3 steps
+    assert np.all(np.isfinite(metrics["loss"]))
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
