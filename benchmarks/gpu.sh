@@ -7,11 +7,11 @@
 # the repository is put on PYTHONPATH, nothing is installed. Sized to finish in under
 # 8 minutes on one H100/H200: modes.py, speed.py and checkpoints.py (fixed sizes) run
 # first, then report.py gets what is left of TOTAL_S seconds (default 460) as its time
-# budget, stops
-# starting new configurations at it and lists what it skipped. Device peaks are measured
-# by report.py itself in fresh processes, one per configuration, each in a preallocated
-# pool and with XLA_FLAGS=--xla_gpu_autotune_level=0; timings run in the main process
-# with autotuning on. Without a GPU it warns and runs the --quick sizes instead.
+# budget, stops starting new configurations at it and lists what it skipped. Device
+# peaks are measured by report.py itself in fresh processes, one per configuration,
+# each in a preallocated pool and with XLA_FLAGS=--xla_gpu_autotune_level=0; timings
+# run in the main process with autotuning on. Without a GPU it warns and runs the
+# --quick sizes instead.
 set -u -o pipefail
 OUT=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [--quick]}
 shift
