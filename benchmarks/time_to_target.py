@@ -88,9 +88,12 @@ def build(size: dict, adjoint):
     field = neuralode.MLPField(
         2, size["width"], size["depth"], time_dependent=True, key=model_key
     )
+    solver = diffrax.Tsit5()
+    if isinstance(adjoint, neuralode.ReversibleAdjoint):
+        solver = adjoint.wrap(solver)  # the only scheme it differentiates
     model = neuralode.NeuralODE(
         cnf.FFJORDField(field, False),
-        solver=diffrax.Tsit5(),
+        solver=solver,
         adjoint=adjoint,
         stepsize_controller=diffrax.ConstantStepSize(),
         dt0=1.0 / size["steps"],
