@@ -121,7 +121,10 @@ def test_works_under_the_continuous_adjoint(getkey):
             eqx.filter_grad(_loss, has_aux=True)(
                 inp, adjoint, diffrax.Heun(), CONSTANT, saveat, False
             )[0]
-            for adjoint in (neuralode.ReversibleAdjoint(), neuralode.ContinuousAdjoint())
+            for adjoint in (
+                neuralode.ReversibleAdjoint(),
+                neuralode.ContinuousAdjoint(),
+            )
         ]
 
     exact, continuous = run(inp)
@@ -206,7 +209,9 @@ def test_memory_does_not_grow_with_steps():
 
 
 @pytest.mark.parametrize(
-    "base", [diffrax.Euler(), diffrax.Heun(), diffrax.Tsit5()], ids=lambda s: type(s).__name__
+    "base",
+    [diffrax.Euler(), diffrax.Heun(), diffrax.Tsit5()],
+    ids=lambda s: type(s).__name__,
 )
 def test_converges_at_the_base_order(base):
     # On y' = A y over [0, 1] the error at t1 falls with h as the wrapped solver's
