@@ -10,7 +10,9 @@ median and interquartile range of interleaved timed runs):
    256, 4096 and 16384: symplectic's default and `checkpoints=4`, Diffrax's
    `RecursiveCheckpointAdjoint()`, and backprop at `max_steps=128`.
 2. `plane`: the same field, Tsit5 with n constant steps (`--steps`, 1024 by default),
-   every exact strategy and peer, the Pareto frontier of (memory, time) marked.
+   every exact strategy and peer, the Pareto frontier of (memory, time) marked
+   (`reversible` solves with `neuralode.Reversible(Tsit5())`, another discretisation
+   of the same ODE).
 3. `wide`: memory only, a field of width 512, at each rung of the ladder.
 
     python benchmarks/checkpoints.py [--quick] [--out DIR]
@@ -51,10 +53,14 @@ def _gradient(adjoint, static, *, steps=None, max_steps, controller=None):
     else:
         dt0 = None
 
+    solver = diffrax.Tsit5()
+    if isinstance(adjoint, neuralode.ReversibleAdjoint):
+        solver = adjoint.wrap(solver)  # the only scheme it differentiates
+
     def loss(params, y0):
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(eqx.combine(params, static)),
-            diffrax.Tsit5(),
+            solver,
             0.0,
             1.0,
             dt0,
@@ -137,6 +143,7 @@ def plane(steps: int, repeats: int, quick: bool) -> list[dict]:
         ),
         "RecursiveCheckpointAdjoint()": diffrax.RecursiveCheckpointAdjoint(),
         "DirectAdjoint()": diffrax.DirectAdjoint(),
+        "reversible (on Reversible(Tsit5()))": neuralode.ReversibleAdjoint(),
     }
     for c in _ladder(steps):
         candidates[f"symplectic (checkpoints={c})"] = neuralode.SymplecticAdjoint(

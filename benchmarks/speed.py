@@ -15,7 +15,10 @@ strategy) are compiled first, recording XLA's temp bytes; a gradient needing mor
 (forward, strategy 1, strategy 2, ..., forward, ...), so that drifts of the machine hit
 all alike, and each gradient's time is divided by the forward solve's time of its round.
 Reported: median and interquartile range of the times and of these multiples, and each
-gradient's relative difference from `RecursiveCheckpointAdjoint()`'s.
+gradient's relative difference from `RecursiveCheckpointAdjoint()`'s. `reversible`
+solves with `neuralode.Reversible(Tsit5())`, another discretisation: its multiple is
+of the same (plain Tsit5) forward solve, its difference from
+`RecursiveCheckpointAdjoint()` on `Reversible(Tsit5())`, also timed.
 
     python benchmarks/speed.py [--repeats N] [--json FILE] [--quick]
     python benchmarks/speed.py --render FILE    # the README's table from a results file
@@ -59,8 +62,17 @@ STRATEGIES = [
         lambda max_steps: diffrax.RecursiveCheckpointAdjoint(checkpoints=max_steps),
     ),
     ("diffrax_rca", lambda max_steps: diffrax.RecursiveCheckpointAdjoint()),
+    ("reversible", lambda max_steps: neuralode.ReversibleAdjoint()),
+    (
+        "diffrax_rca_reversible",
+        lambda max_steps: diffrax.RecursiveCheckpointAdjoint(),
+    ),
 ]
+TSIT5 = diffrax.Tsit5()
 REFERENCE = "diffrax_rca"  # the gradient the others are compared with
+# Strategies that solve with `neuralode.Reversible(Tsit5())` (another discretisation),
+# and the gradient each is compared with instead of REFERENCE's.
+REVERSIBLE = {"reversible": "diffrax_rca_reversible", "diffrax_rca_reversible": None}
 LABELS = {
     "backprop": "`backprop`",
     "symplectic": "`symplectic`",
@@ -69,6 +81,8 @@ LABELS = {
     "continuous": "`continuous`",
     "diffrax_rca_n": "`RecursiveCheckpointAdjoint(checkpoints=n)`",
     "diffrax_rca": "`RecursiveCheckpointAdjoint()`",
+    "reversible": "`reversible` (on `Reversible(Tsit5())`)",
+    "diffrax_rca_reversible": "`RecursiveCheckpointAdjoint()` on `Reversible(Tsit5())`",
     "scan_tsit5_step": "`lax.scan` over `Tsit5().step`",
     "scan_unrolled_tsit5": "hand-written Tsit5 in `lax.scan`",
 }
@@ -105,11 +119,11 @@ class Problem:
         else:
             self.dt0, self.controller = 1.0 / steps, diffrax.ConstantStepSize()
 
-    def solve(self, params, y0, adjoint):
+    def solve(self, params, y0, adjoint, solver=TSIT5):
         t0, t1, dt0 = (jnp.asarray(t, y0.dtype) for t in (0.0, 1.0, self.dt0))
         return diffrax.diffeqsolve(
             diffrax.ODETerm(eqx.combine(params, self.static)),
-            diffrax.Tsit5(),
+            solver,
             t0,
             t1,
             dt0,
@@ -120,16 +134,23 @@ class Problem:
             max_steps=self.max_steps,
         )
 
-    def loss(self, params, y0, adjoint):
-        return 0.5 * jnp.mean(self.solve(params, y0, adjoint).ys[-1] ** 2)
+    def loss(self, params, y0, adjoint, solver=TSIT5):
+        return 0.5 * jnp.mean(self.solve(params, y0, adjoint, solver).ys[-1] ** 2)
 
     def forward(self):
         return jax.jit(
             lambda p, y: self.loss(p, y, diffrax.RecursiveCheckpointAdjoint())
         )
 
-    def gradient(self, adjoint):
-        return jax.jit(jax.grad(lambda p, y: self.loss(p, y, adjoint), argnums=(0, 1)))
+    def gradient(self, adjoint, solver=TSIT5):
+        return jax.jit(
+            jax.grad(lambda p, y: self.loss(p, y, adjoint, solver), argnums=(0, 1))
+        )
+
+    def strategy_gradient(self, name, make):
+        """The gradient of the strategy `name` of STRATEGIES, made by `make`."""
+        solver = neuralode.Reversible(TSIT5) if name in REVERSIBLE else TSIT5
+        return self.gradient(make(self.max_steps), solver)
 
 
 def scan_references(static, steps):
@@ -234,7 +255,7 @@ def measure(problem, gradients, params, y0, repeats, max_temp_bytes):
             continue
         median, q25, q75 = _quartiles(times[name])
         ratio, ratio_q25, ratio_q75 = _quartiles(times[name] / times["forward"])
-        reference = outputs.get(REFERENCE)
+        reference = outputs.get(REVERSIBLE.get(name, REFERENCE))
         difference = None
         if reference is not None:
             difference = neuralode.measure.relative_error(outputs[name], reference)
@@ -340,7 +361,8 @@ def print_entry(entry):
             f"  {r['strategy']:22s} {r['median_ms']:10.1f} ms  {r['ratio']:7.2f}× "
             f"({r['ratio_q25']:.2f}–{r['ratio_q75']:.2f})  "
             f"temp {r['xla_temp_bytes'] / 2**20:9.1f} MiB  "
-            f"vs {REFERENCE}: {'-' if diff is None else f'{diff:.1e}'}",
+            f"vs {REVERSIBLE.get(r['strategy'], REFERENCE) or 'itself'}: "
+            f"{'-' if diff is None else f'{diff:.1e}'}",
             flush=True,
         )
     for r in entry["skipped"]:
@@ -391,7 +413,7 @@ def main(argv=None):
     )
     for problem, references in plan(sizes, static):
         gradients = {
-            name: problem.gradient(make(problem.max_steps)) for name, make in STRATEGIES
+            name: problem.strategy_gradient(name, make) for name, make in STRATEGIES
         }
         gradients.update(references)
         repeats = args.repeats or sizes["repeats"][problem.name]
