@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts on tiny sizes (the scripts themselves are run
 by hand: `python benchmarks/report.py --quick`)."""
 
+import importlib
 import json
 import os
 import sys
@@ -8,9 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
-)
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
+sys.path.insert(0, BENCHMARKS)
 
 import modes  # noqa: E402
 import report  # noqa: E402
@@ -209,3 +209,25 @@ def test_readme_stability_tables_are_the_committed_cpu_results():
     assert len(tables) == 2
     for table in tables:
         assert table.strip() in readme
+
+
+@pytest.mark.parametrize("name", ["cnf_tabular", "time_to_target", "cpu_allocator"])
+def test_readme_tables_are_the_committed_cpu_results(name):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "benchmarks", "results", "cpu", f"{name}.md")) as f:
+        results = f.read()
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    (table,) = [block for block in results.split("\n\n") if block.startswith("|")]
+    assert table.strip() in readme
+
+
+@pytest.mark.parametrize("name", ["cnf_tabular", "time_to_target", "cpu_allocator"])
+def test_committed_tables_render_from_their_json(name):
+    # Each .md is its script's rendering of the committed .json, nothing typed by hand.
+    module = importlib.import_module(name)
+    folder = os.path.join(BENCHMARKS, "results", "cpu")
+    with open(os.path.join(folder, f"{name}.json")) as f:
+        result = json.load(f)
+    with open(os.path.join(folder, f"{name}.md")) as f:
+        assert module.render(result) == f.read()
