@@ -5,12 +5,13 @@
 #
 # Needs only the preinstalled jax/diffrax/equinox (and torch + torchdiffeq, optional):
 # the repository is put on PYTHONPATH, nothing is installed. Sized to finish in under
-# 8 minutes on one H100/H200: modes.py and speed.py (fixed sizes) run first, then
-# report.py gets what is left of TOTAL_S seconds (default 460) as its time budget, stops
-# starting new configurations at it and lists what it skipped. Device peaks are measured
-# by report.py itself in fresh processes, one per configuration, each in a preallocated
-# pool and with XLA_FLAGS=--xla_gpu_autotune_level=0; timings run in the main process
-# with autotuning on. Without a GPU it warns and runs the --quick sizes instead.
+# 8 minutes on one H100/H200: modes.py, speed.py and checkpoints.py (fixed sizes) run
+# first, then report.py gets what is left of TOTAL_S seconds (default 460) as its time
+# budget, stops starting new configurations at it and lists what it skipped. Device
+# peaks are measured by report.py itself in fresh processes, one per configuration,
+# each in a preallocated pool and with XLA_FLAGS=--xla_gpu_autotune_level=0; timings
+# run in the main process with autotuning on. Without a GPU it warns and runs the
+# --quick sizes instead.
 set -u -o pipefail
 OUT=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [--quick]}
 shift
@@ -39,6 +40,7 @@ fi
 status=0
 "$PYTHON" benchmarks/modes.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} --out "$OUT" 2>&1 | tee "$OUT/modes.log" || status=1
 "$PYTHON" benchmarks/speed.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} --json "$OUT/speed.json" 2>&1 | tee "$OUT/speed.log" || status=1
+"$PYTHON" benchmarks/checkpoints.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} --out "$OUT" 2>&1 | tee "$OUT/checkpoints.log" || status=1
 if [[ " ${REPORT_ARGS[*]-} " != *" --quick "* && " ${REPORT_ARGS[*]-} " != *" --budget-s "* ]]; then
     # 20 s for the report's start-up and rendering; at least 120 s whatever is left.
     left=$(( ${TOTAL_S:-460} - ($(date +%s) - start) - 20 ))

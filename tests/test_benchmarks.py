@@ -197,3 +197,15 @@ def test_readme_time_memory_table_is_the_committed_cpu_results():
     table = results[start : results.index("## Adaptive solve")].strip()
     with open(os.path.join(root, "README.md")) as f:
         assert table in f.read()
+
+
+def test_readme_stability_tables_are_the_committed_cpu_results():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "benchmarks", "results", "cpu", "stability.md")) as f:
+        results = f.read()
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    tables = [block for block in results.split("\n\n") if block.startswith("|")]
+    assert len(tables) == 2
+    for table in tables:
+        assert table.strip() in readme
