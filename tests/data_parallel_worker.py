@@ -6,7 +6,7 @@ cannot run inside the test process.
 
 SPEC: `{"host_devices": N, "runs": [{"example": "spiral", "argv": [...],
 "copy_checkpoint": {"at": 2, "to": PATH}}, ...]}`. RESULTS: one entry per run: the
-metrics' `loss`, `devices` and `processes`; the collectives in the compiled training
+metrics' `loss`, `devices`, `processes` and `memory_bytes`; the collectives in the compiled training
 step; or, for a run that exits, its exit code and message.
 """
 
@@ -74,6 +74,7 @@ def run(example: str, argv: list[str], copy_checkpoint=None) -> dict:
         "loss": metrics["loss"],
         "devices": metrics["devices"],
         "processes": metrics["processes"],
+        "memory_bytes": metrics["memory_bytes"],
         "collectives": {
             op: len(re.findall(rf"\b{op}(-start)?\(", text)) for op in COLLECTIVES
         },

@@ -3,7 +3,8 @@
 in worker processes (`tests/data_parallel_worker.py`): on 4 devices the loss curve is
 that of one device for every strategy, on two processes of 2 devices each that of one
 process with 4, checkpoints resume on another number of devices, only process 0
-writes, and the compiled step all-reduces but never all-gathers."""
+writes, and the compiled step all-reduces but never all-gathers: each device keeps only
+its share of the batch, and needs the memory of one device given that share alone."""
 
 import json
 import os
@@ -17,7 +18,8 @@ import pytest
 
 WORKER = pathlib.Path(__file__).with_name("data_parallel_worker.py")
 STRATEGIES = ("backprop", "symplectic", "continuous")
-COMMON = ["--solver", "euler", "--steps", "2", "--batch-size", "8", "--no-progress"]
+# A batch large enough that the step's memory depends mostly on it.
+COMMON = ["--solver", "euler", "--steps", "2", "--batch-size", "256", "--no-progress"]
 COMMON += ["--niters", "4", "--checkpoint-every", "2", "--width", "8", "--window", "4"]
 ARGV = {
     "spiral": COMMON + ["--num-times", "40"],
@@ -65,8 +67,9 @@ def _run(example, adjoint, devices, out, *extra, **options):
 def one_process(tmp_path_factory):
     """Every strategy on 1 and on 4 devices, for each example in a worker of its own
     with 4 host devices (the two at once); then physics's symplectic runs resumed on
-    the other number of devices from their checkpoints at iteration 2, and spiral
-    with bad device options."""
+    the other number of devices from their checkpoints at iteration 2, spiral with
+    bad device options, and last symplectic on one device with a quarter of the
+    batch."""
     tmp = tmp_path_factory.mktemp("devices")
     runs = {
         example: [
@@ -85,6 +88,11 @@ def one_process(tmp_path_factory):
         )
     runs["spiral"].append(_run("spiral", "backprop", 4, tmp, "--batch-size", "6"))
     runs["spiral"].append(_run("spiral", "backprop", 5, tmp))
+    for example in ARGV:
+        share = tmp / example / "share"
+        runs[example].append(
+            _run(example, "symplectic", 1, share, "--batch-size", "64")
+        )
     workers = [
         (_start({"host_devices": 4, "runs": r}, tmp / e), tmp / e)
         for e, r in runs.items()
@@ -115,10 +123,23 @@ def test_four_devices_give_the_curve_of_one(one_process, example):
     assert runs["backprop", 4]["loss"] != runs["continuous", 4]["loss"]
 
 
+@pytest.mark.parametrize("example", ARGV)
+def test_each_device_needs_the_memory_of_its_share_of_the_batch(one_process, example):
+    """The symplectic step on 4 devices with a batch of 256 needs, per device, about
+    the XLA temp memory of one device with a batch of 64: the batch, the solve and
+    the step buffer of the custom VJP stay split along the batch (none is gathered
+    whole, which would need about the memory of one device with all 256)."""
+    runs = _curves(one_process[example])
+    one, four = runs["symplectic", 1], runs["symplectic", 4]
+    share = one_process[example][-1]
+    assert one["memory_bytes"] > 3 * share["memory_bytes"]  # mostly the batch's
+    assert four["memory_bytes"] <= 1.2 * share["memory_bytes"]
+
+
 def test_checkpoints_resume_on_another_number_of_devices(one_process):
     runs = _curves(one_process["physics"])
     one, four = runs["symplectic", 1], runs["symplectic", 4]
-    from_one, from_four = one_process["physics"][6:]
+    from_one, from_four = one_process["physics"][6:8]
     assert (from_one["devices"], from_four["devices"]) == (4, 1)
     assert from_one["loss"][:2] == one["loss"][:2]  # the checkpoint's history
     assert from_four["loss"][:2] == four["loss"][:2]
@@ -128,7 +149,7 @@ def test_checkpoints_resume_on_another_number_of_devices(one_process):
 
 
 def test_bad_device_options(one_process):
-    indivisible, too_many = one_process["spiral"][6:]
+    indivisible, too_many = one_process["spiral"][6:8]
     assert indivisible["exit"] == too_many["exit"] == 2
     assert (
         "--batch-size 6 cannot be split equally over 4 devices"
