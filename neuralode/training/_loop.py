@@ -137,7 +137,10 @@ def fit(
     - `devices`: train data parallel on this many devices of each process, or
         `"all"` of them: the minibatch is split across the devices, the parameters
         and optimiser state are replicated, and XLA sums the gradient over them. The
-        batch, and therefore the losses, are those of one device.
+        batch, and therefore the losses, are those of one device. A solve in
+        `loss_fn` keeps its part of the batch on each device through `NeuralODE`; a
+        `diffrax.diffeqsolve` of your own needs `throw=False`, as Diffrax's run-time
+        check would gather the whole batch onto every device.
         With `jax.distributed.initialize` called first, every process runs `fit`
         alike, the mesh spans all of them, and only process 0 writes files.
     - `batch_axes`: the batch axis of each leaf of the minibatch, as `jax.vmap`'s
