@@ -8,6 +8,7 @@ are reported in terms of the flags that set them (`--resume`, `--out`).
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -41,6 +42,10 @@ _NOT_CONFIG = (
     "overwrite",
     "checkpoint_every",
     "no_progress",
+    "devices",
+    "coordinator",
+    "num_processes",
+    "process_id",
 )
 
 # Flags that steer the optimisation but not what is learnt (model, data, seed): a run may
@@ -67,6 +72,11 @@ def positive_int(text: str) -> int:
 def positive_float(text: str) -> float:
     """`argparse` type: a finite float > 0."""
     return _positive(text, float, "a positive number")
+
+
+def devices_option(text: str) -> int | str:
+    """`argparse` type: a positive int, or `all`."""
+    return text if text == "all" else _positive(text, int, "a positive integer or all")
 
 
 def checkpoints_option(text: str) -> int | str:
@@ -202,6 +212,7 @@ def add_training_arguments(
         help=f"checkpoint every N iterations (default: {checkpoint_every})",
     )
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_device_arguments(parser)
     parser.set_defaults(_default_steps=steps, _default_max_steps=max_steps)
     return parser
 
@@ -224,6 +235,7 @@ def parse_training_args(
         k for k, v in vars(parser.parse_args(argv, unset)).items() if v is not _UNSET
     } & set(RESUME_MAY_CHANGE)
     args = parser.parse_args(argv)
+    _start_processes(parser, args)
     if args.resume and args.overwrite:
         parser.error("--resume continues OUT's checkpoint and --overwrite replaces it")
     try:
@@ -271,6 +283,7 @@ def parse_training_args(
     elif args.steps is None:
         args.steps = args._default_steps
     del args._default_steps, args._default_max_steps
+    _check_devices(parser, args)
     return args
 
 
@@ -383,6 +396,8 @@ _FLAGS = {
     "`out_dir`": "--out",
     "a smaller learning rate": "a smaller --lr",
     "Raise `memory_budget`": "Raise --memory-budget",
+    "`devices='all'`": "--devices all",
+    "`devices`": "--devices",
 }
 
 
@@ -426,10 +441,12 @@ def train(
     *,
     metadata: dict[str, Any] | None = None,
     ignore: tuple[str, ...] = (),
+    batch_axes: Any = 0,
 ) -> tuple[Any, dict[str, Any]]:
     """`neuralode.training.fit` with Adam and the options of `add_training_arguments`,
     recording the forward solve's function evaluations `nfe` (the `aux` output of
-    `loss_fn`), and errors reported as `exit_on_training_error` says."""
+    `loss_fn`), and errors reported as `exit_on_training_error` says. `batch_axes`:
+    the batch axis of each part of a batch, as `fit` takes it."""
     model, adjoint = choose_on_training_step(args, loss_fn, model, sample_batch, key)
     with exit_on_training_error():
         return training.fit(
@@ -453,6 +470,8 @@ def train(
             overwrite=args.overwrite,
             progress=not args.no_progress,
             desc=f"{example}/{adjoint}",
+            devices=args.devices,
+            batch_axes=batch_axes,
         )
 
 
@@ -484,3 +503,76 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+# Devices and processes: data parallel training (neuralode.training.fit's `devices`).
+
+
+def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(
+        "devices",
+        "data parallel: each batch is split over the devices, the model replicated. "
+        "For several processes (hosts), start one per host with the same flags and "
+        "its own --process-id, or set the environment jax.distributed.initialize "
+        "reads (JAX_COORDINATOR_ADDRESS; Slurm, Open MPI); only process 0 writes OUT.",
+    )
+    g.add_argument(
+        "--devices",
+        type=devices_option,
+        default=1,
+        help="devices of each process to train on, a number or 'all' (default: 1); "
+        "--batch-size must be divisible by the devices of all processes together",
+    )
+    g.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        default=None,
+        help="address of process 0, where the processes meet",
+    )
+    g.add_argument(
+        "--num-processes",
+        type=positive_int,
+        default=None,
+        help="number of processes",
+    )
+    g.add_argument(
+        "--process-id",
+        type=int,
+        default=None,
+        help="this process's number, from 0 to --num-processes - 1",
+    )
+
+
+def _start_processes(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """`jax.distributed.initialize`, before anything else touches JAX, when the flags
+    or the environment ask for several processes."""
+    given = (args.coordinator, args.num_processes, args.process_id)
+    if given == (None, None, None) and "JAX_COORDINATOR_ADDRESS" not in os.environ:
+        return
+    if jax.distributed.is_initialized():
+        return  # started by an earlier run in this process (as in the tests)
+    try:
+        jax.distributed.initialize(*given)
+    except (ValueError, TypeError) as e:
+        parser.error(
+            f"cannot start several processes: {e} Pass --coordinator HOST:PORT, "
+            "--num-processes and --process-id, or launch under Slurm or Open MPI."
+        )
+
+
+def _check_devices(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """`--devices` exist on this process and share `--batch-size` equally."""
+    try:
+        devices = training.data_parallel_mesh(args.devices).size
+    except ValueError as e:
+        parser.error(in_flags(str(e)).removeprefix("fit: "))
+    if args.batch_size % devices:
+        processes = jax.process_count()
+        over = (
+            f"{devices // processes} × {processes} processes" if processes > 1 else ""
+        )
+        parser.error(
+            f"--batch-size {args.batch_size} cannot be split equally over "
+            f"{devices} devices{f' ({over})' if over else ''}: pass a multiple of "
+            f"{devices}, or fewer --devices."
+        )

@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
         metadata={"density": args.density, "hutchinson": args.hutchinson},
         ignore=("grid", "num_test"),
     )
+    if jax.process_index() != 0:
+        return metrics  # process 0 evaluates and writes
 
     # Held-out likelihood with the exact trace, whatever the training used.
     exact = eqx.tree_at(lambda m: m.field, model, FFJORDField(model.field.field, False))

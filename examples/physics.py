@@ -114,7 +114,10 @@ def main(argv: list[str] | None = None) -> dict:
         sample_batch,
         fit_key,
         metadata={"system": "damped pendulum"},
+        batch_axes=(0, 1),
     )
+    if jax.process_index() != 0:
+        return metrics  # process 0 evaluates and writes
 
     # Roll out from the held-out initial states over the whole span, accurately.
     rollout = diffrax.diffeqsolve(

@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> dict:
         return jnp.mean(jnp.abs(sol.ys - targets)), nfe
 
     model, metrics = _common.train(
-        args, "spiral", loss_fn, model, sample_batch, data_key
+        args, "spiral", loss_fn, model, sample_batch, data_key, batch_axes=(0, 1)
     )
+    if jax.process_index() != 0:
+        return metrics  # process 0 evaluates and writes
 
     # The whole trajectory from y0, solved accurately: how well the field was learned.
     pred = diffrax.diffeqsolve(

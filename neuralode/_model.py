@@ -17,7 +17,11 @@ from .adjoints import (
     ReversibleAdjoint,
     get_adjoint,
 )
-from .adjoints._input_checks import check_vector_field
+from .adjoints._input_checks import (
+    check_vector_field,
+    error_through_scalar,
+    finite_or_raise,
+)
 
 
 class NeuralODE(eqx.Module):
@@ -117,7 +121,10 @@ class NeuralODE(eqx.Module):
         term = diffrax.ODETerm(self.field)
         # Before Diffrax, which broadcasts the field's output to the state's shape.
         check_vector_field(term, y0, args, ts[0])
-        return diffrax.diffeqsolve(
+        # Diffrax's run-time checks (`throw=True`) would gather a batch sharded over
+        # devices (see `adjoints._input_checks`): the same checks, through a scalar.
+        y0 = finite_or_raise(y0, term, args)
+        sol = diffrax.diffeqsolve(
             term,
             self.solver,
             t0=ts[0],
@@ -129,10 +136,19 @@ class NeuralODE(eqx.Module):
             stepsize_controller=self.stepsize_controller,
             adjoint=self.adjoint,
             max_steps=self.max_steps,
+            throw=False,
         )
+        return _raise_if_failed(sol)
 
     def __call__(
         self, ts: Real[ArrayLike, " times"], y0: PyTree[ArrayLike], args: Any = None
     ) -> PyTree[Array]:
         """`ys`, the states at `ts`: `self.solve(ts, y0, args).ys`."""
         return self.solve(ts, y0, args).ys
+
+
+def _raise_if_failed(sol: diffrax.Solution) -> diffrax.Solution:
+    """`sol`, its `ys` raising Diffrax's error if the solve failed (as `throw=True`)."""
+    failed = jnp.invert(diffrax.is_okay(sol.result))
+    check = lambda one: sol.result.error_if(one, failed)  # noqa: E731
+    return eqx.tree_at(lambda s: s.ys, sol, error_through_scalar(check, sol.ys))

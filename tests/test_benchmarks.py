@@ -14,6 +14,7 @@ sys.path.insert(0, BENCHMARKS)
 
 import modes  # noqa: E402
 import report  # noqa: E402
+import scaling  # noqa: E402
 
 ROW_FIELDS = (
     "strategy",
@@ -231,3 +232,25 @@ def test_committed_tables_render_from_their_json(name):
         result = json.load(f)
     with open(os.path.join(folder, f"{name}.md")) as f:
         assert module.render(result) == f.read()
+
+
+def test_committed_scaling_results(tmp_path):
+    # benchmarks/scaling.py's CPU run: its Markdown is rendered from its JSON, and on 4
+    # devices each needs about the memory of one device with a quarter of the batch.
+    results = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
+    with open(os.path.join(results, "cpu", "scaling.json")) as f:
+        result = json.load(f)
+    result["checks"] = scaling.checks(result)
+    scaling.render(result, str(tmp_path))
+    with open(os.path.join(results, "cpu", "scaling.md")) as f:
+        assert (tmp_path / "scaling.md").read_text() == f.read()
+    rows = {(r["strategy"], r["devices"], r["batch"]): r for r in result["rows"]}
+    batch = result["size"]["batch"]
+    assert "forced host devices" in result["device"]
+    assert set(result["strategies"]) <= {s for s, _, _ in rows}
+    assert 4 in result["device_counts"]
+    for strategy in result["strategies"]:
+        one, four = rows[strategy, 1, batch], rows[strategy, 4, batch]
+        share = rows[strategy, 1, batch // 4]
+        assert four["temp_bytes"] <= 1.2 * share["temp_bytes"], strategy
+        np.testing.assert_allclose(four["loss"], one["loss"], rtol=1e-5)

@@ -52,6 +52,7 @@ def _fit(
     may_change=(),
     lr=0.1,
     checkpoint_every=2,
+    **options,
 ):
     model, sample_batch, loss_fn = _problem()
     return training.fit(
@@ -70,6 +71,7 @@ def _fit(
         resume=resume,
         overwrite=overwrite,
         progress=False,
+        **options,
     )
 
 
@@ -81,6 +83,7 @@ def test_metrics_and_resume_equal(tmp_path):
     for name in ("loss", "time_s", "nfe"):
         assert len(written[name]) == 6
     assert written["nfe"] == [3] * 6 and written["adjoint"] == "none"
+    assert written["devices"] == 1 and written["processes"] == 1
     # The compiled step keeps at least the (8, 3) minibatch it draws, in float64.
     assert written["memory_bytes"] >= 8 * 3 * 8
     umask = os.umask(0)
@@ -116,6 +119,14 @@ def test_output_directory_is_checked_before_training(tmp_path):
         _fit(tmp_path / "run", 2)
     assert path.read_bytes() == good
     assert _fit(tmp_path / "run", 2, overwrite=True).metrics["iterations"] == 2
+
+    # Devices and the batch's axes too (tests/test_devices.py trains on several).
+    count = len(jax.local_devices())
+    with pytest.raises(ValueError, match=f"this process has only {count} "):
+        _fit(tmp_path / "devices", 2, devices=count + 1)
+    with pytest.raises(ValueError, match=r"axis 2 for a batch array of shape \(8, 3\)"):
+        _fit(tmp_path / "devices", 2, batch_axes=2)
+    assert not (tmp_path / "devices").exists()
 
 
 def test_resume_with_changed_options(tmp_path, capsys):

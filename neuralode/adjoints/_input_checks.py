@@ -8,7 +8,13 @@ input fails early with a message that says what was wrong.
 - At run time, with `diffeqsolve(..., throw=True)` (Diffrax's default): y0 and the
   floating-point arrays of `args` and of the terms (the field's parameters) must be
   finite. A NaN there otherwise propagates to the loss and the gradient without a word.
+
+A run-time check (`eqx.error_if`) passes its operand through a host callback, which XLA
+cannot split across devices: a batch sharded over devices would be gathered whole onto
+every one of them. `error_through_scalar` passes only a scalar through it.
 """
+
+from collections.abc import Callable
 
 import diffrax
 import equinox as eqx
@@ -64,12 +70,21 @@ def finite_or_raise(y0, terms, args):
     if not arrays:
         return y0
     bad = jnp.any(jnp.stack([~jnp.all(jnp.isfinite(x)) for x in arrays]))
-    return eqx.error_if(
-        y0,
-        bad,
+    message = (
         "y0, `args` or the vector field's parameters contain NaN or inf. "
         "(Check the initial state and the parameters, e.g. after a diverged "
-        "optimiser step; `diffeqsolve(..., throw=False)` skips this check.)",
+        "optimiser step; `diffeqsolve(..., throw=False)` skips this check.)"
+    )
+    return error_through_scalar(lambda one: eqx.error_if(one, bad, message), y0)
+
+
+def error_through_scalar(check: Callable, tree):
+    """`tree`, raising what `check(x)` (an `eqx.error_if`-like run-time check of a
+    scalar x) raises. The floating-point arrays of `tree` are multiplied by the
+    checked 1, so that the check is not optimised away."""
+    one = check(jnp.ones(()))
+    return jtu.tree_map(
+        lambda x: x * one.astype(x.dtype) if eqx.is_inexact_array(x) else x, tree
     )
 
 

@@ -6,26 +6,40 @@ state is checkpointed first, so that nothing trained is lost. The step donates t
 state's buffers, so the state that went into a step that failed is gone; it is
 recomputed from the last checkpoint (or the initial state) by replaying the iterations
 since, which gives it exactly: a step is a deterministic function of the state.
+
+On several devices (`devices=`), the step is data parallel (`._parallel`); across
+processes every process runs this loop, and only process 0 writes files.
 """
 
+import dataclasses
 import json
 import logging
 import os
 import time
 from collections.abc import Callable, Collection, Mapping
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.stages
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
 from .._checks import as_int
 from ..measure import compiled_temp_bytes
 from ._checkpoint import Checkpoint, CheckpointError, check_output_dir, write_atomic
+from ._parallel import (
+    BatchAxes,
+    batch_shardings,
+    data_parallel_mesh,
+    device_counts,
+    is_writer,
+    local_copy,
+    replicate,
+)
 from ._signals import StopRequests
 from ._step import StepOutput, TrainState, make_train_step
 
@@ -80,6 +94,8 @@ def fit(
     overwrite: bool = False,
     progress: bool = True,
     desc: str = "train",
+    devices: int | Literal["all"] = 1,
+    batch_axes: BatchAxes = 0,
 ) -> TrainResult:
     """Train `model` for `niters` iterations of `optimiser` on `loss_fn`, with a
     progress bar, metrics and checkpoints under `out_dir`.
@@ -118,13 +134,26 @@ def fit(
         and without `resume`, such a checkpoint is refused rather than replaced).
     - `progress`: show the progress bar.
     - `desc`: the progress bar's label.
+    - `devices`: train data parallel on this many devices of each process, or
+        `"all"` of them: the minibatch is split across the devices, the parameters
+        and optimiser state are replicated, and XLA sums the gradient over them. The
+        batch, and therefore the losses, are those of one device. A solve in
+        `loss_fn` keeps its part of the batch on each device through `NeuralODE`; a
+        `diffrax.diffeqsolve` of your own needs `throw=False`, as Diffrax's run-time
+        check would gather the whole batch onto every device.
+        With `jax.distributed.initialize` called first, every process runs `fit`
+        alike, the mesh spans all of them, and only process 0 writes files.
+    - `batch_axes`: the batch axis of each leaf of the minibatch, as `jax.vmap`'s
+        `in_axes` (an int, or a prefix tree of ints and None); its size must be
+        divisible by the total number of devices.
 
     **Returns:**
 
     A `neuralode.training.TrainResult` `(model, metrics)`. `metrics` has `loss`,
     `time_s` (wall seconds of each iteration) and one list per entry of `metrics` (one
-    value per iteration each), `memory_bytes`, `compile_s`, `iterations`, `config`
-    and the entries of `metadata`.
+    value per iteration each), `memory_bytes` (per device), `compile_s`,
+    `iterations`, `devices` (in all processes), `processes`, `config` and the entries
+    of `metadata`. The model's arrays are on one device of this process.
 
     **Raises:**
 
@@ -134,6 +163,8 @@ def fit(
         the checkpoint is missing, corrupt, or was written with a different `config` or
         other metrics; without `resume` or `overwrite` if `out_dir` already holds a
         checkpoint. Nothing is written then.
+    - `ValueError` if there are fewer than `devices` devices, or the batch size is
+        not divisible by their number.
 
     When training stops early, after checkpointing the last good state (its iteration
     is `metrics["iterations"]`; `metrics["stopped"]` says why):
@@ -149,13 +180,17 @@ def fit(
     niters = as_int("fit", "niters", niters)
     checkpoint_every = as_int("fit", "checkpoint_every", checkpoint_every)
     metric_fns = dict(metrics or {})
+    mesh = data_parallel_mesh(devices)
+    batch_shardings(jax.eval_shape(sample_batch, key), batch_axes, mesh)  # checks
     run = _Run(
-        out_dir, config, metadata, metric_fns, resume=resume, overwrite=overwrite
+        out_dir, config, metadata, metric_fns, mesh, resume=resume, overwrite=overwrite
     )
-    step = make_train_step(loss_fn, optimiser, sample_batch, model)
+    step = make_train_step(
+        loss_fn, optimiser, sample_batch, model, mesh=mesh, batch_axes=batch_axes
+    )
 
     def initial() -> TrainState:
-        return TrainState.init(model, optimiser, key)
+        return replicate(TrainState.init(model, optimiser, key), mesh)
 
     state, start = run.start(initial(), may_change, desc) if resume else (initial(), 0)
     # From here on, Ctrl-C or SIGTERM stops after an iteration.
@@ -196,8 +231,8 @@ def fit(
     if start >= niters and progress:
         print(f"{desc}: checkpoint is already at iteration {start} >= niters={niters}.")
     result = run.metrics()
-    save_metrics(run.metrics_path, result)
-    return TrainResult(eqx.combine(current[0].params, model), result)
+    run.write_metrics(result)
+    return TrainResult(eqx.combine(local_copy(current[0].params), model), result)
 
 
 def _run_step(
@@ -226,6 +261,7 @@ class _Run:
         config: dict[str, Any] | None,
         metadata: dict[str, Any] | None,
         metric_fns: Mapping[str, MetricFn],
+        mesh: Mesh,
         *,
         resume: bool,
         overwrite: bool,
@@ -238,16 +274,19 @@ class _Run:
         self.checkpoint_path = check_output_dir(
             out_dir, resume=resume, overwrite=overwrite
         )
-        os.makedirs(out_dir, exist_ok=True)
         self.metrics_path = os.path.join(out_dir, "metrics.json")
-        if not resume and os.path.exists(self.checkpoint_path):
-            os.remove(self.checkpoint_path)  # the old run must not be resumed later
+        self.writer = is_writer()
+        if self.writer:
+            os.makedirs(out_dir, exist_ok=True)
+            if not resume and os.path.exists(self.checkpoint_path):
+                os.remove(self.checkpoint_path)  # the old run must not be resumed
         self.history: dict[str, list[Any]] = {
             name: [] for name in ("loss", "time_s", *metric_fns)
         }
         self.saved = 0  # the iteration of the checkpoint on disk
         self.memory_bytes = 0
         self.compile_s = 0.0
+        self.mesh = mesh
 
     def start(
         self, like: TrainState, may_change: Collection[str], desc: str
@@ -273,7 +312,12 @@ class _Run:
         return checkpoint.state, checkpoint.iteration
 
     def load(self, like: TrainState, may_change: Collection[str] = ()) -> Checkpoint:
-        return Checkpoint.load(self.checkpoint_path, like, self.config, may_change)
+        """The checkpoint, its state replicated on the run's devices."""
+        checkpoint = Checkpoint.load(
+            self.checkpoint_path, local_copy(like), self.config, may_change
+        )
+        state = replicate(checkpoint.state, self.mesh)
+        return dataclasses.replace(checkpoint, state=state)
 
     def compile(self, step: jax.stages.Wrapped, state: TrainState) -> Step:
         tic = time.perf_counter()
@@ -288,9 +332,15 @@ class _Run:
 
     def save(self, state: TrainState, iteration: int) -> None:
         history = {name: values[:iteration] for name, values in self.history.items()}
-        Checkpoint(state, iteration, self.config, history).save(self.checkpoint_path)
+        if self.writer:
+            checkpoint = Checkpoint(local_copy(state), iteration, self.config, history)
+            checkpoint.save(self.checkpoint_path)
         self.saved = iteration
-        save_metrics(self.metrics_path, self.metrics())
+        self.write_metrics(self.metrics())
+
+    def write_metrics(self, metrics: Mapping[str, Any]) -> None:
+        if self.writer:
+            save_metrics(self.metrics_path, metrics)
 
     def metrics(self, **extra: Any) -> dict[str, Any]:
         return {
@@ -299,6 +349,7 @@ class _Run:
             "iterations": len(self.history["loss"]),
             "memory_bytes": self.memory_bytes,
             "compile_s": self.compile_s,
+            **device_counts(self.mesh),
             "config": self.config,
             **extra,
         }
@@ -334,7 +385,7 @@ class _Run:
             message = f"interrupted after iteration {done}. {kept}"
         else:
             message = f"{error} Training stopped. {kept}"
-        save_metrics(self.metrics_path, self.metrics(stopped=message))
+        self.write_metrics(self.metrics(stopped=message))
         return type(error)(message)
 
 

@@ -3,7 +3,7 @@
 Everything random in a step (the minibatch, Hutchinson noise) is drawn inside the step
 from the key in the state, which the step splits and returns. The state is therefore
 all a run needs to continue exactly: a resumed run draws the same batches as an
-uninterrupted one and gives the same losses.
+uninterrupted one and gives the same losses, on any number of devices.
 """
 
 from collections.abc import Callable
@@ -14,7 +14,10 @@ import jax
 import jax.numpy as jnp
 import jax.stages
 import optax
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
+
+from ._parallel import BatchAxes, batch_shardings, replicated
 
 
 class TrainState(NamedTuple):
@@ -56,6 +59,8 @@ def make_train_step(
     model: PyTree,
     *,
     donate: bool = True,
+    mesh: Mesh | None = None,
+    batch_axes: BatchAxes = 0,
 ) -> jax.stages.Wrapped:
     """A jitted training iteration `step(state) -> (state, output)`.
 
@@ -74,6 +79,13 @@ def make_train_step(
         and everything that is not an array, are held fixed.
     - `donate`: donate the state's buffers to the step, so that the new state can
         reuse their memory. The state passed in is then no longer usable.
+    - `mesh`: data parallelism over this 1-D mesh
+        (`neuralode.training.data_parallel_mesh`): the minibatch is split along the
+        mesh, the state replicated (place it with `neuralode.training.replicate`),
+        and XLA sums the gradient over the devices.
+    - `batch_axes`: with `mesh`, the batch axis of each leaf of the minibatch, as
+        `jax.vmap`'s `in_axes` (an int for all, or a prefix tree of ints; None for a
+        leaf that is not split). Its size must be divisible by the number of devices.
 
     **Returns:**
 
@@ -93,6 +105,11 @@ def make_train_step(
     def step(state: TrainState) -> tuple[TrainState, StepOutput]:
         key, batch_key = jax.random.split(state.key)
         batch = sample_batch(batch_key)
+        if mesh is not None:
+            # Each device draws and keeps only its own rows of the batch.
+            batch = jax.lax.with_sharding_constraint(
+                batch, batch_shardings(batch, batch_axes, mesh)
+            )
 
         def loss_of_params(params):
             return loss_fn(eqx.combine(params, static), batch)
@@ -112,6 +129,11 @@ def make_train_step(
         )
         new = TrainState(params, opt_state, key)
         new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
+        if mesh is not None:
+            new = jax.lax.with_sharding_constraint(new, replicated(mesh))
         return new, StepOutput(loss, aux, finite)
 
-    return jax.jit(step, donate_argnums=0 if donate else ())
+    donate_argnums = 0 if donate else ()
+    if mesh is None:
+        return jax.jit(step, donate_argnums=donate_argnums)
+    return jax.jit(step, donate_argnums=donate_argnums, in_shardings=replicated(mesh))
