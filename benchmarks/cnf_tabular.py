@@ -118,7 +118,9 @@ def negative_log_likelihood(flow, x, noise, adjoint, max_steps):
     y0 = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=-1)
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(flow),
-        diffrax.Dopri5(),
+        adjoint.wrap(diffrax.Dopri5())
+        if isinstance(adjoint, neuralode.ReversibleAdjoint)
+        else diffrax.Dopri5(),
         0.0,
         1.0,
         None,
@@ -149,6 +151,8 @@ def strategies(steps_taken):
         ),
         "RecursiveCheckpointAdjoint()": (diffrax.RecursiveCheckpointAdjoint(), 4096),
         "DirectAdjoint()": (diffrax.DirectAdjoint(), sized),
+        # A different discretisation (the reversible pair over Dopri5 steps).
+        "reversible": (neuralode.ReversibleAdjoint(), 4096),
     }
 
 
