@@ -67,6 +67,16 @@ def parse(argv):
         help="only rewrite DIR/results.md, the plots and the checks in DIR/results.json "
         "from the rows of DIR/results.json",
     )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="only print the plan and its estimated time",
+    )
+    parser.add_argument(
+        "--summary",
+        metavar="DIR",
+        help="print the README's summary of DIR/results.json",
+    )
     parser.add_argument("--peak-worker", help=argparse.SUPPRESS)
     parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -100,12 +110,23 @@ def main(argv=None):
             + json.dumps(torch_side.worker(p["configs"], p["repeats"], deadline))
         )
         return
+    if args.summary:
+        from reporting import summary
+
+        with open(os.path.join(args.summary, "results.json")) as f:
+            print(summary.summaries(json.load(f), os.path.relpath(args.summary)))
+        return
     if args.render:
         print(rerender(args.render).split("## Memory growth")[0])
         return
     mode = "quick" if args.quick else "full"
     budget_s = args.budget_s or run.SIZES[mode]["budget_s"]
     threads = args.threads or max(2, min(8, (os.cpu_count() or 2) // 2))
+    if args.plan:
+        backend = run.workers.probe_backend()
+        _, _, _, skipped = run.make_plan(mode, budget_s, backend, threads)
+        print("\n".join(f"  cut: {s}" for s in skipped))
+        return
     command = " ".join(["python", "benchmarks/report.py"] + list(argv))
     text = run.run(mode, budget_s, args.out, threads, command)
     print(text.split("## Memory growth")[0])  # what a person reads first

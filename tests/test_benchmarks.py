@@ -14,7 +14,7 @@ sys.path.insert(
 
 import modes  # noqa: E402
 import report  # noqa: E402
-from reporting import analysis, budget, plane, render, run, strategies  # noqa: E402
+from reporting import analysis, budget, plane, render, run, strategies, workers  # noqa: E402
 from reporting.problems import SIZES, plan  # noqa: E402
 
 ROW_FIELDS = (
@@ -77,7 +77,7 @@ def test_plan_is_cut_to_its_budget_by_its_estimate():
     kw = dict(backend="gpu", threads=8, repeats=11)
     kept, cut = budget.fit(configs, 60, **kw)
     assert kept == configs[: len(kept)] and kept + cut == configs and cut
-    assert budget.estimate_s(kept, **kw) <= 0.85 * 60
+    assert budget.estimate_s(kept, **kw) <= 0.9 * 60
     # More checkpoints, fewer recomputing sweeps.
     c = dict(configs[0], n_steps=1024)
     assert budget.sweeps_over(c, 4) > budget.sweeps_over(c, 64) >= 1
@@ -283,3 +283,30 @@ def test_readme_stability_tables_are_the_committed_cpu_results():
     assert len(tables) == 2
     for table in tables:
         assert table.strip() in readme
+
+
+def test_readme_report_summaries_are_the_committed_results():
+    # Every report.py figure in the README is `report.py --summary DIR` of a committed
+    # results folder.
+    from reporting import summary
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    for folder in ("cpu", "nvidia-h100-80gb-hbm3"):
+        path = os.path.join("benchmarks", "results", folder)
+        with open(os.path.join(root, path, "results.json")) as f:
+            text = summary.summaries(json.load(f), path)
+        assert text
+        for block in text.split("\n\n"):  # tables verbatim, prose as wrapped
+            if block.startswith("|"):
+                assert block in readme, block[:80]
+            else:
+                assert " ".join(block.split()) in " ".join(readme.split()), block[:80]
+
+
+def test_peak_worker_runs_in_a_fresh_process():
+    # The plumbing of the peak processes (on a CPU there is no peak to read).
+    c = dict(plan(TINY)[0], n_steps=2)
+    peaks, skipped = workers.measure_peaks([c], {run.config_key(c): 1}, 1e12)
+    assert skipped == [] and peaks == {run.config_key(c): None}

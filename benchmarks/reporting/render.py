@@ -319,46 +319,54 @@ def _tolerance(results):
 
 
 def plot(results: dict, out_dir: str) -> None:
+    """The PNGs that have data: memory and time against n, error against tolerance, and
+    one time–memory plane per problem."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for name, metric, ylabel in (
-        ("memory_vs_n", "xla_temp_bytes", "memory (MiB)"),
-        ("time_vs_n", "time_ms", "time per gradient (ms)"),
-    ):
-        fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=80)
-        _plot_n(ax, results, name, metric, ylabel)
-        _save(fig, out_dir, name)
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=80)
-    _plot_tolerance(ax, results)
-    _save(fig, out_dir, "error_vs_tol")
+    figures = [
+        ("memory_vs_n", lambda ax: _plot_n(ax, results, "xla_temp_bytes")),
+        ("time_vs_n", lambda ax: _plot_n(ax, results, "time_ms")),
+        ("error_vs_tol", lambda ax: _plot_tolerance(ax, results)),
+    ]
     for p in planes(results["rows"]):
-        fig, ax = plt.subplots(figsize=(7, 5), dpi=80)
+        if p["points"]:
+            figures.append(
+                (f"plane_{p['solver']}_{p['n_steps']}", _plane_drawer(results, p))
+            )
+    for name, draw in figures:
+        fig, ax = plt.subplots(figsize=(6, 4.2), dpi=80)
+        if draw(ax):
+            fig.tight_layout()
+            fig.savefig(os.path.join(out_dir, f"{name}.png"))
+        plt.close(fig)
+
+
+def _plane_drawer(results, p):
+    def draw(ax):
         points = [dict(q, label=label(q["strategy"])) for q in p["points"]]
         title = f"{results['device']}: {p['solver']}, n = {p['n_steps']}"
         plane_plot.plot_plane(ax, points, title)
-        _save(fig, out_dir, f"plane_{p['solver']}_{p['n_steps']}")
+        return True
+
+    return draw
 
 
-def _save(fig, out_dir, name):
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, f"{name}.png"))
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-
-
-def _plot_n(ax, results, name, metric, ylabel):
+def _plot_n(ax, results, metric) -> bool:
+    """Memory (XLA solid, peak dashed) or time against n; whether anything was drawn."""
     rows = [r for r in results["rows"] if r["sweep"] == "n"]
+    memory = metric != "time_ms"
+    drawn = False
     strategies = [
         s for s in CORE + PEERS + TORCH if any(r["strategy"] == s for r in rows)
     ]
     for i, s in enumerate(strategies):
-        for m, style in ((metric, "o-"), ("peak_bytes", "s--")):
-            if name == "time_vs_n" and m == "peak_bytes":
-                continue
+        styles = (
+            ((metric, "o-"), ("peak_bytes", "s--")) if memory else ((metric, "o-"),)
+        )
+        for m, style in styles:
             pts = sorted(
                 (r["n_steps"], r[m])
                 for r in rows
@@ -367,40 +375,42 @@ def _plot_n(ax, results, name, metric, ylabel):
             if not pts:
                 continue
             xs, ys = zip(*pts, strict=True)
-            ys = [y / MIB for y in ys] if m != "time_ms" else ys
+            ys = [y / MIB for y in ys] if memory else ys
             label_ = s if m != "peak_bytes" else f"{s} (peak)"
             ax.plot(xs, ys, style, color=f"C{i}", label=label_, ms=3, lw=1)
+            drawn = True
+    if not drawn:
+        return False
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("steps n")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel("memory (MiB)" if memory else "time per gradient (ms)")
     ax.set_title(
-        f"{results['device']}"
-        + (": XLA temp (solid), peak (dashed)" if name == "memory_vs_n" else ""),
+        results["device"] + (": XLA temp (solid), peak (dashed)" if memory else ""),
         fontsize=9,
     )
     ax.legend(fontsize=6)
+    return True
 
 
-def _plot_tolerance(ax, results):
-    tol_rows = results.get("tolerance_rows", [])
+def _plot_tolerance(ax, results) -> bool:
+    """Gradient error against the converged solve vs tolerance; whether drawn."""
+    drawn = False
     for i, strategy in enumerate(("continuous", "symplectic")):
         for dtype, style in (("float64", "o-"), ("float32", "s--")):
             pts = sorted(
                 (r["tol"], r["grad_rel_error_continuous"])
-                for r in tol_rows
+                for r in results.get("tolerance_rows", [])
                 if (r["strategy"], r["dtype"]) == (strategy, dtype)
                 and r["grad_rel_error_continuous"] is not None
             )
             if pts:
-                ax.plot(
-                    *zip(*pts, strict=True),
-                    style,
-                    color=f"C{i}",
-                    label=f"{strategy} {dtype}",
-                    ms=3,
-                    lw=1,
-                )
+                xs, ys = zip(*pts, strict=True)
+                label_ = f"{strategy} {dtype}"
+                ax.plot(xs, ys, style, color=f"C{i}", label=label_, ms=3, lw=1)
+                drawn = True
+    if not drawn:
+        return False
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.invert_xaxis()
@@ -408,3 +418,4 @@ def _plot_tolerance(ax, results):
     ax.set_ylabel("gradient error vs converged solve")
     ax.set_title(f"{results['device']}: adaptive Tsit5", fontsize=9)
     ax.legend(fontsize=7)
+    return True

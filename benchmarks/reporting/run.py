@@ -44,7 +44,10 @@ def make_plan(mode, budget_s, backend, threads):
     cut to the budget), the plan printed with its estimate (recorded in `sizes`)."""
     sizes = dict(SIZES[mode], budget_s=budget_s)  # results.json records the budget
     configs = plan(sizes)
-    unique = list({config_key(c): c for c in reversed(configs)}.values())[::-1]
+    first = {}
+    for c in configs:  # a configuration in several sweeps is measured once
+        first.setdefault(config_key(c), c)
+    unique = list(first.values())
     skipped = []
     if not with_torch():
         skipped += [
