@@ -14,7 +14,16 @@ sys.path.insert(
 
 import modes  # noqa: E402
 import report  # noqa: E402
-from reporting import analysis, budget, plane, render, run, strategies, workers  # noqa: E402
+from reporting import (  # noqa: E402
+    analysis,
+    budget,
+    plane,
+    problems,
+    render,
+    run,
+    strategies,
+    workers,
+)
 from reporting.problems import SIZES, plan  # noqa: E402
 
 ROW_FIELDS = (
@@ -43,7 +52,7 @@ TINY = dict(
     width=4,
     depth=1,
     solver="heun",
-    n_sweep=(4, 8),
+    n_sweep=(4,),
     n_base=4,
     depths=(1,),
     widths=(4,),
@@ -52,7 +61,7 @@ TINY = dict(
     peers_n=(),
     peers_n_steps=(),
     float64_strategies=(),
-    plane_steps=(8,),
+    plane_steps=(4,),
     ladder=(2,),
     batches=(),
     state_dims=(),
@@ -86,6 +95,8 @@ def test_plan_is_cut_to_its_budget_by_its_estimate():
 def test_report_runs_end_to_end(tmp_path, monkeypatch):
     # The whole script on the smallest plan: threads, timings, plane, outputs.
     monkeypatch.setitem(SIZES, "quick", TINY)
+    on_plane = ("backprop", "symplectic_c2", "diffrax_rca_c2", "torch_odeint")
+    monkeypatch.setattr(problems, "plane_strategies", lambda sizes: on_plane)
     report.main(["--quick", "--out", str(tmp_path)])
     with open(tmp_path / "results.json") as f:
         results = json.load(f)
@@ -117,11 +128,11 @@ def test_report_runs_end_to_end(tmp_path, monkeypatch):
     assert row["nfe_backward"] > 0
     assert rows[("symplectic", 4, "float64", "heun")]["grad_rel_error"] < 1e-12
     # The RK4 plane: checkpointed symplectic is exact too, and the plane is answered.
-    assert rows[("symplectic_c2", 8, "float32", "rk4")]["grad_rel_error"] < 1e-5
+    assert rows[("symplectic_c2", 4, "float32", "rk4")]["grad_rel_error"] < 1e-5
     text = (tmp_path / "results.md").read_text()
-    assert "## Time–memory plane: rk4, n = 8" in text
+    assert "## Time–memory plane: rk4, n = 4" in text
     assert "by how much over Diffrax's best" in text
-    assert (tmp_path / "plane_rk4_8.png").exists()
+    assert (tmp_path / "plane_rk4_4.png").exists()
 
 
 def _rows():
