@@ -39,7 +39,9 @@ def exponents(rows: list[dict]) -> list[dict]:
         promised = PROMISED.get(strategy)
         entry["promised"] = promised[0] if promised else None
         entry["promised_exp"] = list(promised[1:]) if promised else None
-        table.append(entry)
+        measured = [v for k, v in entry.items() if k != "strategy" and v is not None]
+        if promised or measured:
+            table.append(entry)
     return table
 
 
