@@ -2,8 +2,13 @@
 point takes at most as much memory and at most as much time), and its plot."""
 
 MIB = 2**20
-# Marker of each family of strategies on the plane; anything else is a triangle.
-FAMILIES = (("symplectic", "o"), ("RecursiveCheckpointAdjoint", "s"))
+# Marker of each family of strategies on the plane (labels starting with the name, in
+# any case); anything else is a triangle of its own.
+FAMILIES = (("symplectic", "o"), ("recursivecheckpointadjoint", "s"))
+
+
+def _family(label: str) -> str | None:
+    return next((f for f, _ in FAMILIES if label.lower().startswith(f)), None)
 
 
 def pareto(points: list[tuple[float, float]]) -> list[bool]:
@@ -19,16 +24,18 @@ def plot_plane(ax, points: list[dict], title: str) -> None:
     """Draw `points` (dicts with `label`, `bytes`, `ms`, `pareto`) on `ax`, log-log, the
     Pareto frontier as a staircase."""
     for family, marker in FAMILIES:
-        sel = [p for p in points if p["label"].startswith(family)]
+        sel = [p for p in points if _family(p["label"]) == family]
         if sel:
             ax.scatter(
                 [p["bytes"] / MIB for p in sel],
                 [p["ms"] for p in sel],
                 marker=marker,
-                label=family,
+                label="SymplecticAdjoint"
+                if family == "symplectic"
+                else "RecursiveCheckpointAdjoint",
             )
     for p in points:
-        if not p["label"].startswith(tuple(f for f, _ in FAMILIES)):
+        if _family(p["label"]) is None:
             ax.scatter(p["bytes"] / MIB, p["ms"], marker="^", label=p["label"])
     front = sorted((p for p in points if p["pareto"]), key=lambda p: p["bytes"])
     ax.step(
