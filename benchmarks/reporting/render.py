@@ -164,8 +164,8 @@ def plane_table(p: dict) -> str:
 def answer_table(p: dict) -> str:
     """At each memory of the frontier: the fastest exact gradient, and Diffrax's."""
     lines = [
-        "| memory ≤ (MiB) | fastest exact gradient | time ms | Diffrax's fastest "
-        "within it | time ms | Diffrax / fastest |",
+        "| memory ≤ (MiB) | exact gradient of least time | time ms | Diffrax's adjoint of "
+        "least time within it | time ms | Diffrax's time / least |",
         "|---|---|---|---|---|---|",
     ]
     for a in p["answers"]:
