@@ -24,13 +24,12 @@ import argparse
 import json
 import os
 import platform
-import time
 
 import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
+from reporting import plane as plane_, timing
 
 import neuralode
 
@@ -80,22 +79,12 @@ def _temp_bytes(fn, *args) -> int:
 
 def _time(fns: dict, args, repeats: int) -> dict:
     """Median and interquartile range (ms) of interleaved runs (A, B, C, A, B, C...)."""
-    for fn in fns.values():  # compile, then touch the memory once more
-        jax.block_until_ready(fn(*args))
-        jax.block_until_ready(fn(*args))
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(1e3 * (time.perf_counter() - start))
-    return {
-        name: dict(
-            ms=float(np.median(t)),
-            iqr_ms=float(np.percentile(t, 75) - np.percentile(t, 25)),
-        )
-        for name, t in times.items()
-    }
+    _, times = timing.time_interleaved(fns, args, repeats)
+    out = {}
+    for name, t in times.items():
+        median, q25, q75 = timing.quartiles(t)
+        out[name] = dict(ms=median, iqr_ms=q75 - q25)
+    return out
 
 
 def adaptive(repeats: int, quick: bool) -> list[dict]:
@@ -161,13 +150,9 @@ def plane(steps: int, repeats: int, quick: bool) -> list[dict]:
         dict(strategy=name, temp_bytes=_temp_bytes(fn, params, y0), **times[name])
         for name, fn in fns.items()
     ]
-    for row in rows:
-        row["pareto"] = not any(
-            other["temp_bytes"] <= row["temp_bytes"]
-            and other["ms"] <= row["ms"]
-            and (other["temp_bytes"], other["ms"]) != (row["temp_bytes"], row["ms"])
-            for other in rows
-        )
+    flags = plane_.pareto([(r["temp_bytes"], r["ms"]) for r in rows])
+    for row, flag in zip(rows, flags, strict=True):
+        row["pareto"] = flag
     return rows
 
 
@@ -287,38 +272,14 @@ def render(result: dict, out: str) -> None:
         f.write("\n".join(lines) + "\n")
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for family, marker in [("symplectic", "o"), ("RecursiveCheckpointAdjoint", "s")]:
-        rows = [r for r in result["plane"] if r["strategy"].startswith(family)]
-        ax.scatter(
-            [r["temp_bytes"] / mib for r in rows],
-            [r["ms"] for r in rows],
-            marker=marker,
-            label=family,
-        )
-    others = [
-        r
+    points = [
+        dict(label=r["strategy"], bytes=r["temp_bytes"], ms=r["ms"], pareto=r["pareto"])
         for r in result["plane"]
-        if not r["strategy"].startswith(("symplectic", "RecursiveCheckpointAdjoint"))
     ]
-    for r in others:
-        ax.scatter(r["temp_bytes"] / mib, r["ms"], marker="^", label=r["strategy"])
-    front = sorted(
-        (r for r in result["plane"] if r["pareto"]), key=lambda r: r["temp_bytes"]
+    plane_.plot_plane(
+        ax, points, f"n = {result['steps']} Tsit5 steps, {result['device']}"
     )
-    ax.step(
-        [r["temp_bytes"] / mib for r in front],
-        [r["ms"] for r in front],
-        where="post",
-        color="black",
-        linewidth=0.8,
-        label="Pareto frontier",
-    )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
     ax.set_xlabel("XLA temp memory of the gradient (MiB)")
-    ax.set_ylabel("time of one gradient (ms)")
-    ax.set_title(f"n = {result['steps']} Tsit5 steps, {result['device']}")
-    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "checkpoints.png"), dpi=120)
 

@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Run every benchmark on one GPU machine and leave all outputs in one folder.
 #
-#   bash benchmarks/gpu.sh OUT_DIR [--quick] [more report.py options, e.g. --budget-s 300]
+#   bash benchmarks/gpu.sh OUT_DIR [--quick] [more report.py options]
 #
 # Needs only the preinstalled jax/diffrax/equinox (and torch + torchdiffeq, optional):
-# the repository is put on PYTHONPATH, nothing is installed. Sized to finish in under
-# 8 minutes on one H100/H200: modes.py, speed.py and checkpoints.py (fixed sizes) run
-# first, then report.py gets what is left of TOTAL_S seconds (default 460) as its time
-# budget, stops starting new configurations at it and lists what it skipped. Device
-# peaks are measured by report.py itself in fresh processes, one per configuration,
-# each in a preallocated pool and with XLA_FLAGS=--xla_gpu_autotune_level=0; timings
-# run in the main process with autotuning on. Without a GPU it warns and runs the
-# --quick sizes instead.
+# the repository is put on PYTHONPATH, nothing is installed. Everything ends within
+# TOTAL_S seconds (default 460, under 8 minutes on one H100/H200):
+#
+# 1. report.py, with REPORT_S seconds (default 340) as its --budget-s: it cuts its plan
+#    to that budget by its own estimate before it starts, prints the plan and the
+#    estimate (also here, first), and lists whatever it planned and did not measure.
+#    Its phases never share the device: compiling and errors, interleaved timings,
+#    torchdiffeq, then device peaks in fresh processes, one at a time.
+# 2. modes.py (fixed sizes; 80 s on an H200), then, if time is left, speed.py and
+#    checkpoints.py: each is stopped when TOTAL_S is reached, which gpu.log records.
+#
+# Without a GPU it warns and runs the --quick sizes instead (TOTAL_S then defaults to
+# 1200: report.py's quick run and the quick sizes of the rest, on 2 CPU cores).
 set -u -o pipefail
 OUT=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [--quick]}
 shift
@@ -20,6 +25,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON=${PYTHON:-python}
 mkdir -p "$OUT"
 start=$(date +%s)
+log() { echo "gpu.sh: $*" | tee -a "$OUT/gpu.log"; }
 
 backend=$("$PYTHON" -c "import jax; print(jax.default_backend())" 2>/dev/null | tail -n 1)
 REPORT_ARGS=("$@")
@@ -27,9 +33,17 @@ QUICK_ARGS=()
 if [[ " ${REPORT_ARGS[*]-} " == *" --quick "* ]]; then
     QUICK_ARGS+=(--quick)
 elif [ "$backend" != "gpu" ]; then
-    echo "gpu.sh: no GPU (JAX backend: ${backend:-unknown}); running the --quick sizes." >&2
+    log "no GPU (JAX backend: ${backend:-unknown}); running the --quick sizes."
     REPORT_ARGS+=(--quick)
     QUICK_ARGS+=(--quick)
+fi
+if [ ${#QUICK_ARGS[@]} = 0 ]; then  # the GPU sizes: 8 minutes in all
+    TOTAL_S=${TOTAL_S:-460}
+    if [[ " ${REPORT_ARGS[*]-} " != *" --budget-s "* ]]; then
+        REPORT_ARGS+=(--budget-s "${REPORT_S:-340}")
+    fi
+else  # --quick, on a CPU: report.py's own budget, and time for the rest
+    TOTAL_S=${TOTAL_S:-1200}
 fi
 {
     echo "backend: $backend"
@@ -37,15 +51,35 @@ fi
     "$PYTHON" --version
 } > "$OUT/device.txt" 2>&1
 
+log "plan: report.py ${REPORT_ARGS[*]}, then modes.py ${QUICK_ARGS[*]-}, then as far" \
+    "as time allows speed.py and checkpoints.py; everything stops at ${TOTAL_S} s"
+"$PYTHON" benchmarks/report.py ${REPORT_ARGS[@]+"${REPORT_ARGS[@]}"} --plan 2>&1 | tee -a "$OUT/gpu.log"
+
 status=0
-"$PYTHON" benchmarks/modes.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} --out "$OUT" 2>&1 | tee "$OUT/modes.log" || status=1
-"$PYTHON" benchmarks/speed.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} --json "$OUT/speed.json" 2>&1 | tee "$OUT/speed.log" || status=1
-"$PYTHON" benchmarks/checkpoints.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} --out "$OUT" 2>&1 | tee "$OUT/checkpoints.log" || status=1
-if [[ " ${REPORT_ARGS[*]-} " != *" --quick "* && " ${REPORT_ARGS[*]-} " != *" --budget-s "* ]]; then
-    # 20 s for the report's start-up and rendering; at least 120 s whatever is left.
-    left=$(( ${TOTAL_S:-460} - ($(date +%s) - start) - 20 ))
-    REPORT_ARGS+=(--budget-s $(( left > 120 ? left : 120 )))
-fi
-"$PYTHON" benchmarks/report.py ${REPORT_ARGS[@]+"${REPORT_ARGS[@]}"} --out "$OUT" 2>&1 | tee "$OUT/report.log" || status=1
-echo "gpu.sh: done in $(( $(date +%s) - start )) s, outputs in $OUT (status $status)"
+left() { echo $(( TOTAL_S - ($(date +%s) - start) )); }
+step() {  # step NAME LOG COMMAND...: run COMMAND until TOTAL_S, teeing to LOG
+    local name=$1 logfile=$2 rc
+    shift 2
+    if [ "$(left)" -le 5 ]; then
+        log "$name: not run, no time left of ${TOTAL_S} s"
+        status=1
+        return
+    fi
+    timeout "$(left)" "$@" 2>&1 | tee "$OUT/$logfile"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" = 124 ]; then
+        log "$name: stopped at ${TOTAL_S} s, not finished"
+    elif [ "$rc" != 0 ]; then
+        log "$name: failed (exit $rc)"
+    else
+        log "$name: done at $(( $(date +%s) - start )) s"
+        return
+    fi
+    status=1
+}
+step report.py report.log "$PYTHON" benchmarks/report.py ${REPORT_ARGS[@]+"${REPORT_ARGS[@]}"} --out "$OUT"
+step modes.py modes.log "$PYTHON" benchmarks/modes.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} --out "$OUT"
+step speed.py speed.log "$PYTHON" benchmarks/speed.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} --json "$OUT/speed.json"
+step checkpoints.py checkpoints.log "$PYTHON" benchmarks/checkpoints.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} --out "$OUT"
+log "done in $(( $(date +%s) - start )) s, outputs in $OUT (status $status)"
 exit $status

@@ -36,7 +36,7 @@ import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
-import numpy as np
+from reporting import timing
 
 import neuralode
 import neuralode.measure
@@ -196,11 +196,6 @@ def scan_references(static, steps):
     }
 
 
-def _quartiles(values):
-    q25, median, q75 = np.percentile(np.asarray(values), [25, 50, 75])
-    return float(median), float(q25), float(q75)
-
-
 def compile_all(fns, params, y0, max_temp_bytes):
     """XLA's temp bytes of each function; those above `max_temp_bytes` are dropped
     from `fns` and listed as skipped."""
@@ -218,25 +213,13 @@ def compile_all(fns, params, y0, max_temp_bytes):
     return temp, skipped
 
 
-def time_interleaved(fns, params, y0, repeats):
-    """Outputs and per-round times (ms) of `fns`, run in interleaved rounds."""
-    outputs = {name: jax.block_until_ready(fn(params, y0)) for name, fn in fns.items()}
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(params, y0))
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return outputs, {name: np.asarray(t) for name, t in times.items()}
-
-
 def measure(problem, gradients, params, y0, repeats, max_temp_bytes):
     """The forward solve and `gradients` (name -> jitted gradient) on one problem:
     the problem's entry of the results."""
     fns = {"forward": problem.forward(), **gradients}
     temp, skipped = compile_all(fns, params, y0, max_temp_bytes)
-    outputs, times = time_interleaved(fns, params, y0, repeats)
-    median, q25, q75 = _quartiles(times["forward"])
+    outputs, times = timing.time_interleaved(fns, (params, y0), repeats)
+    median, q25, q75 = timing.quartiles(times["forward"])
     forward = dict(
         median_ms=median, q25_ms=q25, q75_ms=q75, xla_temp_bytes=temp["forward"]
     )
@@ -253,8 +236,8 @@ def measure(problem, gradients, params, y0, repeats, max_temp_bytes):
     for name in gradients:
         if name not in fns:
             continue
-        median, q25, q75 = _quartiles(times[name])
-        ratio, ratio_q25, ratio_q75 = _quartiles(times[name] / times["forward"])
+        median, q25, q75 = timing.quartiles(times[name])
+        ratio, ratio_q25, ratio_q75 = timing.quartiles(times[name] / times["forward"])
         reference = outputs.get(REVERSIBLE.get(name, REFERENCE))
         difference = None
         if reference is not None:

@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +16,17 @@ sys.path.insert(0, BENCHMARKS)
 import modes  # noqa: E402
 import report  # noqa: E402
 import scaling  # noqa: E402
+from reporting import (  # noqa: E402
+    analysis,
+    budget,
+    plane,
+    problems,
+    render,
+    run,
+    strategies,
+    workers,
+)
+from reporting.problems import SIZES, plan  # noqa: E402
 
 ROW_FIELDS = (
     "strategy",
@@ -28,6 +40,9 @@ ROW_FIELDS = (
     "xla_temp_bytes",
     "peak_bytes",
     "time_ms",
+    "time_q25_ms",
+    "time_q75_ms",
+    "time_ratio",
     "grad_rel_error",
     "grad_rel_error_continuous",
     "nfe_forward",
@@ -39,58 +54,92 @@ TINY = dict(
     width=4,
     depth=1,
     solver="heun",
-    n_sweep=(4, 8),
+    n_sweep=(4,),
     n_base=4,
-    depths=(1, 2),
-    widths=(4, 8),
+    depths=(1,),
+    widths=(4,),
     solvers=("heun",),
     tols=(1e-3,),
     peers_n=(),
     peers_n_steps=(),
-    peers_other=(),
     float64_strategies=(),
-    repeats=1,
-    budget_s=60,
+    plane_steps=(4,),
+    ladder=(2,),
+    batches=(),
+    state_dims=(),
+    repeats=3,
+    budget_s=600,
 )
 
 
 def test_plan_covers_every_sweep():
-    configs = report.plan(report.SIZES["quick"])
-    assert {c["sweep"] for c in configs} == {"n", "m", "d", "s", "float64"}
-    for c in configs:
-        assert c["strategy"] in report.CORE + report.PEERS
-    full = report.plan(report.SIZES["full"])
-    assert set(report.PEERS) <= {c["strategy"] for c in full}
+    configs = plan(SIZES["quick"])
+    assert {c["sweep"] for c in configs} >= {"n", "m", "d", "s", "float64", "plane"}
+    full = plan(SIZES["full"])
+    assert {"b", "y"} <= {c["sweep"] for c in full}
+    assert set(strategies.PEERS) <= {c["strategy"] for c in full}
+    on_plane = {c["strategy"] for c in full if c["sweep"] == "plane"}
+    assert {"symplectic_c4", "diffrax_rca_c4", "torch_odeint"} <= on_plane
+    assert {c["solver"] for c in full if c["sweep"] == "plane"} == {"rk4"}
+
+
+def test_plan_is_cut_to_its_budget_by_its_estimate():
+    configs = plan(SIZES["full"])
+    kw = dict(backend="gpu", threads=8, repeats=11)
+    kept, cut = budget.fit(configs, 60, **kw)
+    assert kept == configs[: len(kept)] and kept + cut == configs and cut
+    assert budget.estimate_s(kept, **kw) <= 0.9 * 60
+    # More checkpoints, fewer recomputing sweeps.
+    c = dict(configs[0], n_steps=1024)
+    assert budget.sweeps_over(c, 4) > budget.sweeps_over(c, 64) >= 1
 
 
 def test_report_runs_end_to_end(tmp_path, monkeypatch):
-    # The whole script on the smallest plan: threads, timings, outputs.
-    tiny = dict(TINY, n_sweep=(4, 8), depths=(1,), widths=(4,), budget_s=600)
-    monkeypatch.setitem(report.SIZES, "quick", tiny)
+    # The whole script on the smallest plan: threads, timings, plane, outputs.
+    monkeypatch.setitem(SIZES, "quick", TINY)
+    on_plane = ("backprop", "symplectic_c2", "diffrax_rca_c2", "torch_odeint")
+    monkeypatch.setattr(problems, "plane_strategies", lambda sizes: on_plane)
     report.main(["--quick", "--out", str(tmp_path)])
     with open(tmp_path / "results.json") as f:
         results = json.load(f)
-    assert results["skipped"] == []
-    assert {r["strategy"] for r in results["tolerance_rows"]} == set(report.TOLERANCE)
-    rows = {(r["strategy"], r["n_steps"], r["dtype"]): r for r in results["rows"]}
-    assert len(rows) == 3 * 2 + 1  # the n sweep, and symplectic in float64
+    # Everything planned is measured or listed (torch: measured only where installed).
+    listed = " ".join(results["skipped"])
+    measured = {(r["sweep"], r["strategy"], r["n_steps"]) for r in results["rows"]}
+    for c in plan(TINY):
+        assert (c["sweep"], c["strategy"], c["n_steps"]) in measured or (
+            repr(run.config_key(c)) in listed
+        )
+    assert not [s for s in results["skipped"] if "torch" not in s]
+    assert {r["strategy"] for r in results["tolerance_rows"]} == set(
+        strategies.TOLERANCE
+    )
+    rows = {
+        (r["strategy"], r["n_steps"], r["dtype"], r["solver"]): r
+        for r in results["rows"]
+        if not r["strategy"].startswith("torch")
+    }
     for row in rows.values():
         for field in ROW_FIELDS:
             assert field in row
         assert row["xla_temp_bytes"] > 0 and row["time_ms"] > 0
+        assert row["time_q25_ms"] <= row["time_ms"] <= row["time_q75_ms"]
         assert row["peak_bytes"] is None  # CPU
-    row = rows[("symplectic", 4, "float32")]
+    row = rows[("symplectic", 4, "float32", "heun")]
     assert row["grad_rel_error"] < 1e-5  # float32 against float64, same discretisation
     assert row["nfe_forward"] == 4 * 2  # Heun: 4 steps, 2 stages
     assert row["nfe_backward"] > 0
-    assert rows[("symplectic", 4, "float64")]["grad_rel_error"] < 1e-12
-    assert (tmp_path / "results.md").exists()
+    assert rows[("symplectic", 4, "float64", "heun")]["grad_rel_error"] < 1e-12
+    # The RK4 plane: checkpointed symplectic is exact too, and the plane is answered.
+    assert rows[("symplectic_c2", 4, "float32", "rk4")]["grad_rel_error"] < 1e-5
+    text = (tmp_path / "results.md").read_text()
+    assert "## Time–memory plane: rk4, n = 4" in text
+    assert "by how much over Diffrax's best" in text
+    assert (tmp_path / "plane_rk4_4.png").exists()
 
 
-def test_exponents_checks_and_output(tmp_path):
+def _rows():
     row = dict(
-        report.plan(TINY)[0],
-        strategy="symplectic",
+        plan(TINY)[0],
         xla_temp_bytes=1,
         peak_bytes=None,
         time_ms=1.0,
@@ -99,8 +148,6 @@ def test_exponents_checks_and_output(tmp_path):
         nfe_forward=8,
         nfe_backward=12,
     )
-
-    # Output: exponents, checks, JSON-derived Markdown and plots from synthetic rows.
     rows = []
     for s, mem in (
         ("backprop", lambda n: 1000 * n),
@@ -118,11 +165,48 @@ def test_exponents_checks_and_output(tmp_path):
                     state_bytes=16,
                 )
             )
-    table = {e["strategy"]: e for e in report.exponents(rows)}
+    # A plane: symplectic_c2 dominates diffrax_rca_c2; backprop is fastest.
+    for s, mem, ms in (
+        ("backprop", 100, 1.0),
+        ("symplectic_c2", 10, 3.0),
+        ("diffrax_rca_c2", 12, 4.0),
+        ("diffrax_rca_n", 50, 2.0),
+        ("continuous", 5, 0.5),  # not exact: not on the plane
+    ):
+        rows.append(
+            dict(
+                row,
+                sweep="plane",
+                solver="rk4",
+                strategy=s,
+                xla_temp_bytes=mem,
+                time_ms=ms,
+            )
+        )
+    return rows
+
+
+def test_plane_frontier_and_answers():
+    assert plane.pareto([(1, 3), (2, 2), (3, 3), (1, 4)]) == [True, True, False, False]
+    (p,) = analysis.planes(_rows())
+    on = {q["strategy"]: q["pareto"] for q in p["points"]}
+    assert on == dict(
+        backprop=True, symplectic_c2=True, diffrax_rca_c2=False, diffrax_rca_n=True
+    )
+    assert p["not_on_plane"] == ["continuous"]
+    by_memory = {a["bytes"]: a for a in p["answers"]}
+    assert by_memory[10]["diffrax"] is None  # no Diffrax adjoint fits in 10 bytes
+    assert by_memory[100]["fastest"] == "backprop"
+    assert by_memory[100]["speedup"] == pytest.approx(2.0)  # rca_n's 2 ms over 1 ms
+
+
+def test_exponents_checks_and_output(tmp_path):
+    rows = _rows()
+    table = {e["strategy"]: e for e in analysis.exponents(rows)}
     assert table["backprop"]["xla_temp_bytes_exp_n"] == pytest.approx(1.0)
     assert table["continuous"]["xla_temp_bytes_exp_n"] == pytest.approx(0.0, abs=1e-9)
     assert table["symplectic"]["xla_temp_bytes_states_per_step"] == pytest.approx(1.0)
-    checks = report.checks(rows)
+    checks = analysis.checks(rows)
     assert all(ch["passed"] for ch in checks)
     results = dict(
         device="test",
@@ -133,6 +217,7 @@ def test_exponents_checks_and_output(tmp_path):
         python="x",
         command="python benchmarks/report.py --test",
         mode="test",
+        timing="interleaved",
         sizes=TINY,
         rows=rows,
         exponents=list(table.values()),
@@ -145,17 +230,18 @@ def test_exponents_checks_and_output(tmp_path):
                 grad_rel_error_continuous=1e-4,
             )
         ],
-        skipped=[],
+        skipped=[f"reason {i}" for i in range(12)],
         wall_s=0.0,
     )
-    text = report.write_markdown(results, str(tmp_path))
+    text = render.write_markdown(results, str(tmp_path))
     assert "python benchmarks/report.py --test" in text
+    assert "## Not measured (12)" in text and "- reason 11" in text  # the whole list
     # GPU peaks say how the allocator pool was set up (older results: rounded peaks).
     gpu = dict(results, backend="gpu")
-    assert "power of two" in report.write_markdown(gpu, str(tmp_path))
-    gpu["peak_pool"] = "preallocated, fraction 0.075"
-    assert "fraction 0.075" in report.write_markdown(gpu, str(tmp_path))
-    report.plot(results, str(tmp_path))
+    assert "power of two" in render.write_markdown(gpu, str(tmp_path))
+    gpu["peak_pool"] = "preallocated, fraction 0.5"
+    assert "fraction 0.5" in render.write_markdown(gpu, str(tmp_path))
+    render.plot(results, str(tmp_path))
     for name in ("results.md", "memory_vs_n.png", "time_vs_n.png", "error_vs_tol.png"):
         assert (tmp_path / name).exists()
 
@@ -254,3 +340,31 @@ def test_committed_scaling_results(tmp_path):
         share = rows[strategy, 1, batch // 4]
         assert four["temp_bytes"] <= 1.2 * share["temp_bytes"], strategy
         np.testing.assert_allclose(four["loss"], one["loss"], rtol=1e-5)
+
+
+def test_readme_report_summaries_are_the_committed_results():
+    # Every report.py figure in the README is `report.py --summary DIR` of a committed
+    # results folder.
+    from reporting import summary
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    for folder in ("cpu", "nvidia-h100-80gb-hbm3"):
+        path = os.path.join("benchmarks", "results", folder)
+        with open(os.path.join(root, path, "results.json")) as f:
+            text = summary.summaries(json.load(f), path)
+        assert text
+        for block in text.split("\n\n"):  # tables verbatim, prose as wrapped
+            if block.startswith("|"):
+                assert block in readme, block[:80]
+            else:
+                assert " ".join(block.split()) in " ".join(readme.split()), block[:80]
+
+
+def test_peak_worker_runs_in_a_fresh_process():
+    # The plumbing of the peak processes (on a CPU there is no peak to read).
+    c = dict(plan(TINY)[0], n_steps=2)
+    deadline = time.perf_counter() + 300
+    peaks, skipped = workers.measure_peaks([c], {run.config_key(c): 1}, deadline)
+    assert skipped == [] and peaks == {run.config_key(c): None}
