@@ -7,13 +7,15 @@
 # the repository is put on PYTHONPATH, nothing is installed. Everything ends within
 # TOTAL_S seconds (default 460, under 8 minutes on one H100/H200):
 #
-# 1. report.py, with REPORT_S seconds (default 340) as its --budget-s: it cuts its plan
+# 1. report.py, with REPORT_S seconds (default 260) as its --budget-s: it cuts its plan
 #    to that budget by its own estimate before it starts, prints the plan and the
 #    estimate (also here, first), and lists whatever it planned and did not measure.
 #    Its phases never share the device: compiling and errors, interleaved timings,
 #    torchdiffeq, then device peaks in fresh processes, one at a time.
-# 2. modes.py (fixed sizes; 80 s on an H200), then, if time is left, speed.py and
-#    checkpoints.py: each is stopped when TOTAL_S is reached, which gpu.log records.
+# 2. then, while time is left, cnf_tabular.py (the MINIBOONE-shaped CNF), checkpoints.py,
+#    speed.py, time_to_target.py and modes.py (80 s on an H200): each is stopped when
+#    TOTAL_S is reached, and gpu.log records which finished, which were stopped and
+#    which did not start.
 #
 # Without a GPU it warns and runs the --quick sizes instead (TOTAL_S then defaults to
 # 1200: report.py's quick run and the quick sizes of the rest, on 2 CPU cores).
@@ -40,7 +42,7 @@ fi
 if [ ${#QUICK_ARGS[@]} = 0 ]; then  # the GPU sizes: 8 minutes in all
     TOTAL_S=${TOTAL_S:-460}
     if [[ " ${REPORT_ARGS[*]-} " != *" --budget-s "* ]]; then
-        REPORT_ARGS+=(--budget-s "${REPORT_S:-340}")
+        REPORT_ARGS+=(--budget-s "${REPORT_S:-260}")
     fi
 else  # --quick, on a CPU: report.py's own budget, and time for the rest
     TOTAL_S=${TOTAL_S:-1200}
@@ -51,8 +53,9 @@ fi
     "$PYTHON" --version
 } > "$OUT/device.txt" 2>&1
 
-log "plan: report.py ${REPORT_ARGS[*]}, then modes.py ${QUICK_ARGS[*]-}, then as far" \
-    "as time allows speed.py and checkpoints.py; everything stops at ${TOTAL_S} s"
+log "plan: report.py ${REPORT_ARGS[*]}, then as far as time allows cnf_tabular.py," \
+    "checkpoints.py, speed.py, time_to_target.py and modes.py ${QUICK_ARGS[*]-};" \
+    "everything stops at ${TOTAL_S} s"
 "$PYTHON" benchmarks/report.py ${REPORT_ARGS[@]+"${REPORT_ARGS[@]}"} --plan 2>&1 | tee -a "$OUT/gpu.log"
 
 status=0
@@ -78,8 +81,10 @@ step() {  # step NAME LOG COMMAND...: run COMMAND until TOTAL_S, teeing to LOG
     status=1
 }
 step report.py report.log "$PYTHON" benchmarks/report.py ${REPORT_ARGS[@]+"${REPORT_ARGS[@]}"} --out "$OUT"
-step modes.py modes.log "$PYTHON" benchmarks/modes.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} --out "$OUT"
-step speed.py speed.log "$PYTHON" benchmarks/speed.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} --json "$OUT/speed.json"
+step cnf_tabular.py cnf_tabular.log "$PYTHON" benchmarks/cnf_tabular.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} --out "$OUT"
 step checkpoints.py checkpoints.log "$PYTHON" benchmarks/checkpoints.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} --out "$OUT"
+step speed.py speed.log "$PYTHON" benchmarks/speed.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} --json "$OUT/speed.json"
+step time_to_target.py time_to_target.log "$PYTHON" benchmarks/time_to_target.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} --out "$OUT"
+step modes.py modes.log "$PYTHON" benchmarks/modes.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} --out "$OUT"
 log "done in $(( $(date +%s) - start )) s, outputs in $OUT (status $status)"
 exit $status
