@@ -1,3 +1,5 @@
+import gc
+
 import jax
 import pytest
 from hypothesis import Phase, settings
@@ -28,3 +30,16 @@ settings.load_profile("ci")
 def getkey():
     keys = iter(jax.random.split(jax.random.PRNGKey(0), 1000))
     return lambda: next(keys)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs(request):
+    """After each test module, drop what it compiled: XLA's CPU executables hold about
+    a thousand memory maps each while cached, and Linux allows a process 65530, which
+    the whole suite in one process would otherwise exceed (a segfault in XLA)."""
+    yield
+    for value in vars(request.module).values():
+        if callable(getattr(value, "cache_clear", None)):
+            value.cache_clear()  # the module's functools caches of compiled functions
+    jax.clear_caches()
+    gc.collect()
