@@ -29,7 +29,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from reporting import plane as plane_, timing
+from reporting import plane as plane_, script, timing
 
 import neuralode
 
@@ -296,12 +296,8 @@ def main(argv=None):
     steps = args.steps or (64 if args.quick else 1024)
     repeats = args.repeats or (3 if args.quick else 7)
     os.makedirs(args.out, exist_ok=True)
-    device = jax.devices()[0]
-    name = (
-        f"{os.cpu_count()}-core CPU" if device.platform == "cpu" else device.device_kind
-    )
     result = dict(
-        device=name,
+        device=script.device_name(),
         jax=jax.__version__,
         diffrax=diffrax.__version__,
         python=platform.python_version(),

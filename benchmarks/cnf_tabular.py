@@ -23,8 +23,6 @@ and interquartile range of interleaved runs.
 `--render DIR` rewrites DIR/cnf_tabular.md from DIR/cnf_tabular.json.
 """
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -40,6 +38,7 @@ import neuralode.measure
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import checkpoints  # noqa: E402  (the interleaved timer)
+from reporting import script  # noqa: E402
 
 DIM = 43
 SIZES = {
@@ -208,13 +207,6 @@ def measure(size: dict) -> dict:
     return dict(steps_taken=steps, rows=rows)
 
 
-def device_name() -> str:
-    device = jax.devices()[0]
-    if device.platform == "cpu":
-        return f"{os.cpu_count()}-core CPU"
-    return device.device_kind
-
-
 def render(result: dict) -> str:
     mib = 2**20
     lines = [
@@ -248,37 +240,13 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="CPU sizes")
-    parser.add_argument("--out", help="folder for cnf_tabular.json and .md")
-    parser.add_argument("--render", metavar="DIR", help="only re-render DIR's table")
-    args = parser.parse_args(argv)
-    if args.render:
-        with open(os.path.join(args.render, "cnf_tabular.json")) as f:
-            result = json.load(f)
-    else:
-        size = SIZES["quick" if args.quick else "full"]
-        start = time.perf_counter()
-        result = dict(
-            device=device_name(),
-            command="python benchmarks/cnf_tabular.py"
-            + (" --quick" if args.quick else ""),
-            **size,
-            **measure(size),
-        )
-        result["seconds"] = round(time.perf_counter() - start, 1)
-    text = render(result)
-    print(text)
-    out = args.render or args.out
-    if out:
-        os.makedirs(out, exist_ok=True)
-        if not args.render:
-            with open(os.path.join(out, "cnf_tabular.json"), "w") as f:
-                json.dump(result, f, indent=1)
-        with open(os.path.join(out, "cnf_tabular.md"), "w") as f:
-            f.write(text)
+def run(quick: bool) -> dict:
+    size = SIZES["quick" if quick else "full"]
+    start = time.perf_counter()
+    result = dict(**size, **measure(size))
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    script.main("cnf_tabular", __doc__.split("\n\n")[0], run, render)

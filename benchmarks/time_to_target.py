@@ -21,8 +21,6 @@ NLL.
 `--render DIR` rewrites DIR/time_to_target.md from DIR/time_to_target.json.
 """
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -39,7 +37,9 @@ import neuralode.training
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+sys.path.insert(0, HERE)
 import cnf  # noqa: E402  (the example's flow and likelihood)
+from reporting import script  # noqa: E402
 
 SIZES = {
     # The CPU size: the example's defaults (8 constant Tsit5 steps, width 64, depth 3).
@@ -168,13 +168,6 @@ def train_to_target(size: dict) -> list[dict]:
     return [run.row for run in runs]
 
 
-def device_name() -> str:
-    device = jax.devices()[0]
-    if device.platform == "cpu":
-        return f"{os.cpu_count()}-core CPU"
-    return device.device_kind
-
-
 def render(result: dict) -> str:
     s = result["size"]
     lines = [
@@ -200,36 +193,10 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="CPU sizes")
-    parser.add_argument("--out", help="folder for time_to_target.json and .md")
-    parser.add_argument("--render", metavar="DIR", help="only re-render DIR's table")
-    args = parser.parse_args(argv)
-    if args.render:
-        with open(os.path.join(args.render, "time_to_target.json")) as f:
-            result = json.load(f)
-    else:
-        size = SIZES["quick" if args.quick else "full"]
-        rows = train_to_target(size)
-        result = dict(
-            device=device_name(),
-            command="python benchmarks/time_to_target.py"
-            + (" --quick" if args.quick else ""),
-            size=size,
-            rows=rows,
-        )
-    text = render(result)
-    print(text)
-    out = args.render or args.out
-    if out:
-        os.makedirs(out, exist_ok=True)
-        if not args.render:
-            with open(os.path.join(out, "time_to_target.json"), "w") as f:
-                json.dump(result, f, indent=1)
-        with open(os.path.join(out, "time_to_target.md"), "w") as f:
-            f.write(text)
+def run(quick: bool) -> dict:
+    size = SIZES["quick" if quick else "full"]
+    return dict(size=size, rows=train_to_target(size))
 
 
 if __name__ == "__main__":
-    main()
+    script.main("time_to_target", __doc__.split("\n\n")[0], run, render)
