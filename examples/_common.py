@@ -117,7 +117,19 @@ def add_training_arguments(
     combinations and the output directory.
     """
     g = parser.add_argument_group("training")
-    g.add_argument(
+    # All in the one group "training", in the order --help lists them.
+    _add_adjoint_arguments(g, adjoint=adjoint)
+    _add_stepping_arguments(g, solver=solver, steps=steps, max_steps=max_steps)
+    _add_optimisation_arguments(g, niters=niters, batch_size=batch_size, lr=lr)
+    _add_output_arguments(g, out=out, checkpoint_every=checkpoint_every)
+    _add_device_arguments(parser)
+    parser.set_defaults(_default_steps=steps, _default_max_steps=max_steps)
+    return parser
+
+
+def _add_adjoint_arguments(group: Any, *, adjoint: str) -> None:
+    """`--adjoint` and what tunes it: `--checkpoints`, `--memory-budget`."""
+    group.add_argument(
         "--adjoint",
         choices=(*neuralode.ADJOINT_NAMES, "auto"),
         default=adjoint,
@@ -126,7 +138,7 @@ def add_training_arguments(
         "whose gradient fits in --memory-budget (neuralode.choose_adjoint, on the "
         "training step itself; prints its table)",
     )
-    g.add_argument(
+    group.add_argument(
         "--checkpoints",
         type=checkpoints_option,
         default=None,
@@ -134,87 +146,104 @@ def add_training_arguments(
         "int or 'all' (every step; default: Diffrax's number, about "
         "sqrt(2 * max steps))",
     )
-    g.add_argument(
+    group.add_argument(
         "--memory-budget",
         default=None,
         help="with --adjoint auto: the gradient's memory budget, e.g. 2GiB or 500MB, "
         "or a fraction of the device's memory such as 0.5",
     )
-    g.add_argument(
+
+
+def _add_stepping_arguments(
+    group: Any, *, solver: str, steps: int, max_steps: int
+) -> None:
+    """`--solver` and its step control: `--steps`, or `--rtol`/`--atol` with
+    `--max-steps`."""
+    group.add_argument(
         "--solver",
         choices=tuple(SOLVERS),
         default=solver,
         help=f"explicit Runge-Kutta solver (default: {solver})",
     )
-    g.add_argument(
+    group.add_argument(
         "--steps",
         type=positive_int,
         default=None,
         help=f"constant step size: N steps per solve (default: {steps} "
         "unless --rtol/--atol are given)",
     )
-    g.add_argument(
+    group.add_argument(
         "--rtol",
         type=positive_float,
         default=None,
         help="adaptive steps (PID controller) with this relative tolerance; "
         "--atol defaults to it",
     )
-    g.add_argument(
+    group.add_argument(
         "--atol",
         type=positive_float,
         default=None,
         help="adaptive steps with this absolute tolerance; --rtol defaults to it",
     )
-    g.add_argument(
+    group.add_argument(
         "--max-steps",
         type=positive_int,
         default=None,
         help=f"bound on adaptive steps per solve (default: {max_steps}); "
         "the memory of backprop and symplectic grows with it",
     )
-    g.add_argument(
+
+
+def _add_optimisation_arguments(
+    group: Any, *, niters: int, batch_size: int, lr: float
+) -> None:
+    """`--niters`, `--batch-size`, `--lr` and `--seed`."""
+    group.add_argument(
         "--niters",
         type=positive_int,
         default=niters,
         help=f"training iterations, in total (default: {niters})",
     )
-    g.add_argument(
+    group.add_argument(
         "--batch-size",
         type=positive_int,
         default=batch_size,
         help=f"minibatch size (default: {batch_size})",
     )
-    g.add_argument(
+    group.add_argument(
         "--lr",
         type=positive_float,
         default=lr,
         help=f"Adam learning rate (default: {lr})",
     )
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    g.add_argument("--out", default=out, help=f"output directory (default: {out})")
-    g.add_argument(
+    group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def _add_output_arguments(group: Any, *, out: str, checkpoint_every: int) -> None:
+    """`--out` and how the run uses it: `--resume`, `--overwrite`,
+    `--checkpoint-every`, `--no-progress`."""
+    group.add_argument("--out", default=out, help=f"output directory (default: {out})")
+    group.add_argument(
         "--resume",
         action="store_true",
         help="continue from OUT/checkpoint.eqx with its options; "
         f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} "
         "may be given anew",
     )
-    g.add_argument(
+    group.add_argument(
         "--overwrite",
         action="store_true",
         help="start afresh even though OUT holds a checkpoint (which is replaced)",
     )
-    g.add_argument(
+    group.add_argument(
         "--checkpoint-every",
         type=positive_int,
         default=checkpoint_every,
         help=f"checkpoint every N iterations (default: {checkpoint_every})",
     )
-    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    _add_device_arguments(parser)
-    parser.set_defaults(_default_steps=steps, _default_max_steps=max_steps)
-    return parser
+    group.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bar"
+    )
 
 
 def parse_training_args(
@@ -324,6 +353,40 @@ def stepping_from_args(
         return diffrax.ConstantStepSize(), duration / args.steps, args.steps + 1
     controller = diffrax.PIDController(rtol=args.rtol, atol=args.atol)
     return controller, None, args.max_steps
+
+
+def neural_ode_from_args(
+    args: argparse.Namespace, field: Any, duration: float
+) -> neuralode.NeuralODE:
+    """A `neuralode.NeuralODE` of `field` with the solver, gradient strategy and step
+    control of the options, for solves over intervals of length `duration`."""
+    controller, dt0, max_steps = stepping_from_args(args, duration)
+    return neuralode.NeuralODE(
+        field,
+        solver=solver_from_args(args),
+        adjoint=adjoint_from_args(args),
+        stepsize_controller=controller,
+        dt0=dt0,
+        max_steps=max_steps,
+    )
+
+
+def solve_accurately(field: Any, ts: Any, y0: Any) -> Any:
+    """The solution of the vector field `field` from `y0`, saved at `ts`, with tight
+    adaptive steps whatever the training used: it shows how well the field was
+    learned, not the error of the training's solver."""
+    return diffrax.diffeqsolve(
+        diffrax.ODETerm(field),
+        diffrax.Tsit5(),
+        t0=ts[0],
+        t1=ts[-1],
+        dt0=None,
+        y0=y0,
+        saveat=diffrax.SaveAt(ts=ts),
+        stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-8),
+        max_steps=100_000,
+        throw=False,
+    ).ys
 
 
 def _budget(text: str) -> int | float | str:

@@ -156,18 +156,10 @@ def main(argv: list[str] | None = None) -> dict:
     train = neuralode.data.sample_toy_density(args.density, train_key, args.num_train)
     test = neuralode.data.sample_toy_density(args.density, test_key, args.num_test)
 
-    controller, dt0, max_steps = _common.stepping_from_args(args, 1.0)
     field = neuralode.MLPField(
         2, args.width, args.depth, time_dependent=True, key=model_key
     )
-    model = neuralode.NeuralODE(
-        FFJORDField(field, args.hutchinson),
-        solver=_common.solver_from_args(args),
-        adjoint=_common.adjoint_from_args(args),
-        stepsize_controller=controller,
-        dt0=dt0,
-        max_steps=max_steps,
-    )
+    model = _common.neural_ode_from_args(args, FFJORDField(field, args.hutchinson), 1.0)
 
     def sample_batch(key):
         index_key, noise_key = jax.random.split(key)

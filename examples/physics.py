@@ -12,7 +12,6 @@ held-out rollouts), OUT/checkpoint.eqx, OUT/loss.png and OUT/physics.png.
 import argparse
 import os
 
-import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,21 +77,12 @@ def main(argv: list[str] | None = None) -> dict:
     key = jax.random.PRNGKey(args.seed)
     model_key, data_key, fit_key = jax.random.split(key, 3)
     ts = jnp.linspace(0.0, 10.0, args.num_times)
-    # One simulation (one compilation) for the training and the held-out trajectories.
-    trajectories = neuralode.data.damped_pendulum_trajectories(
-        data_key, args.num_trajectories + 4, ts
-    )
-    train, test = trajectories[:-4], trajectories[-4:]
+    train, test = simulate(data_key, args.num_trajectories, ts)
     window_ts = ts[: args.window]
-
-    controller, dt0, max_steps = _common.stepping_from_args(args, float(window_ts[-1]))
-    model = neuralode.NeuralODE(
+    model = _common.neural_ode_from_args(
+        args,
         neuralode.MLPField(2, args.width, args.depth, key=model_key),
-        solver=_common.solver_from_args(args),
-        adjoint=_common.adjoint_from_args(args),
-        stepsize_controller=controller,
-        dt0=dt0,
-        max_steps=max_steps,
+        float(window_ts[-1]),
     )
 
     def sample_batch(key):
@@ -119,21 +109,25 @@ def main(argv: list[str] | None = None) -> dict:
     if jax.process_index() != 0:
         return metrics  # process 0 evaluates and writes
 
-    # Roll out from the held-out initial states over the whole span, accurately.
-    rollout = diffrax.diffeqsolve(
-        diffrax.ODETerm(model.field),
-        diffrax.Tsit5(),
-        t0=ts[0],
-        t1=ts[-1],
-        dt0=None,
-        y0=test[:, 0],
-        saveat=diffrax.SaveAt(ts=ts),
-        stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-8),
-        max_steps=100_000,
-        throw=False,
-    ).ys
+    # Roll out from the held-out initial states over the whole span.
+    rollout = _common.solve_accurately(model.field, ts, test[:, 0])
     rollout = jnp.swapaxes(rollout, 0, 1)
     metrics["rollout_mae"] = float(jnp.mean(jnp.abs(rollout - test)))
+    write_outputs(args, metrics, ts, test, rollout)
+    return metrics
+
+
+def simulate(key, num_trajectories, ts):
+    """`num_trajectories` training trajectories and 4 held-out ones, sampled at `ts`."""
+    # One simulation (one compilation) for the training and the held-out trajectories.
+    trajectories = neuralode.data.damped_pendulum_trajectories(
+        key, num_trajectories + 4, ts
+    )
+    return trajectories[:-4], trajectories[-4:]
+
+
+def write_outputs(args, metrics, ts, test, rollout):
+    """OUT/metrics.json, OUT/loss.png and OUT/physics.png, and a one-line summary."""
     neuralode.training.save_metrics(os.path.join(args.out, "metrics.json"), metrics)
     _common.plot_loss(
         metrics,
@@ -150,7 +144,6 @@ def main(argv: list[str] | None = None) -> dict:
         f"final loss {metrics['loss'][-1]:.4g}, held-out rollout MAE "
         f"{metrics['rollout_mae']:.4g}; wrote {args.out}/"
     )
-    return metrics
 
 
 def plot_rollout(ts, truth, pred, path):

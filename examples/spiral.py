@@ -10,7 +10,6 @@ learned trajectory from y0 over the whole time span against the truth).
 import argparse
 import os
 
-import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -80,19 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     ts, ys = neuralode.data.spiral_trajectory(args.num_times)
     window_ts = ts[: args.window]
-    controller, dt0, max_steps = _common.stepping_from_args(args, float(window_ts[-1]))
     model_key, data_key = jax.random.split(jax.random.PRNGKey(args.seed))
     field = CubedInputField(
         neuralode.MLPField(2, args.width, args.depth, key=model_key)
     )
-    model = neuralode.NeuralODE(
-        field,
-        solver=_common.solver_from_args(args),
-        adjoint=_common.adjoint_from_args(args),
-        stepsize_controller=controller,
-        dt0=dt0,
-        max_steps=max_steps,
-    )
+    model = _common.neural_ode_from_args(args, field, float(window_ts[-1]))
 
     def sample_batch(key):
         return neuralode.data.sample_windows(key, ys, args.batch_size, args.window)
@@ -112,18 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         return metrics  # process 0 evaluates and writes
 
     # The whole trajectory from y0, solved accurately: how well the field was learned.
-    pred = diffrax.diffeqsolve(
-        diffrax.ODETerm(model.field),
-        diffrax.Tsit5(),
-        t0=ts[0],
-        t1=ts[-1],
-        dt0=None,
-        y0=ys[0],
-        saveat=diffrax.SaveAt(ts=ts),
-        stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-8),
-        max_steps=100_000,
-        throw=False,
-    ).ys
+    pred = _common.solve_accurately(model.field, ts, ys[0])
     metrics["trajectory_mae"] = float(jnp.mean(jnp.abs(pred - ys)))
     neuralode.training.save_metrics(os.path.join(args.out, "metrics.json"), metrics)
     _common.plot_loss(

@@ -193,6 +193,39 @@ def fit(
         return replicate(TrainState.init(model, optimiser, key), mesh)
 
     state, start = run.start(initial(), may_change, desc) if resume else (initial(), 0)
+    state = _train(
+        run,
+        step,
+        state,
+        start,
+        initial,
+        niters=niters,
+        checkpoint_every=checkpoint_every,
+        progress=progress,
+        desc=desc,
+    )
+    if start >= niters and progress:
+        print(f"{desc}: checkpoint is already at iteration {start} >= niters={niters}.")
+    result = run.metrics()
+    run.write_metrics(result)
+    return TrainResult(eqx.combine(local_copy(state.params), model), result)
+
+
+def _train(
+    run: "_Run",
+    step: jax.stages.Wrapped,
+    state: TrainState,
+    start: int,
+    initial: Callable[[], TrainState],
+    *,
+    niters: int,
+    checkpoint_every: int,
+    progress: bool,
+    desc: str,
+) -> TrainState:
+    """The state after iteration `niters`, trained from `state` after iteration
+    `start`. However training stops, `run.stop` checkpoints the last good state
+    first (recomputed from `initial()` if the failed step consumed it)."""
     # From here on, Ctrl-C or SIGTERM stops after an iteration.
     with StopRequests() as stop:
         compiled = run.compile(step, state)
@@ -214,10 +247,9 @@ def fit(
                         f"far gone, start afresh (`overwrite=True`)."
                     )
                 seconds = time.perf_counter() - tic
-                info = StepInfo(done + 1, float(out.loss), out.aux, seconds)
-                values = {"loss": info.loss, "time_s": info.seconds}
-                values |= {name: fn(info) for name, fn in metric_fns.items()}
-                run.record(values)
+                values = run.record(
+                    StepInfo(done + 1, float(out.loss), out.aux, seconds)
+                )
                 current = (state, done + 1)
                 bar.set_postfix(_postfix(values), refresh=False)
                 bar.update(1)
@@ -228,11 +260,7 @@ def fit(
             bar.close()
             raise run.stop(e, *current, compiled, initial) from None
         bar.close()
-    if start >= niters and progress:
-        print(f"{desc}: checkpoint is already at iteration {start} >= niters={niters}.")
-    result = run.metrics()
-    run.write_metrics(result)
-    return TrainResult(eqx.combine(local_copy(current[0].params), model), result)
+    return current[0]
 
 
 def _run_step(
@@ -287,6 +315,7 @@ class _Run:
         self.memory_bytes = 0
         self.compile_s = 0.0
         self.mesh = mesh
+        self.metric_fns = metric_fns
 
     def start(
         self, like: TrainState, may_change: Collection[str], desc: str
@@ -326,9 +355,14 @@ class _Run:
         self.memory_bytes = compiled_temp_bytes(compiled)
         return compiled
 
-    def record(self, values: Mapping[str, Any]) -> None:
+    def record(self, info: StepInfo) -> dict[str, Any]:
+        """Append iteration `info`'s loss, time and metrics to the history; they are
+        returned."""
+        values = {"loss": info.loss, "time_s": info.seconds}
+        values |= {name: fn(info) for name, fn in self.metric_fns.items()}
         for name, value in values.items():
             self.history[name].append(value)
+        return values
 
     def save(self, state: TrainState, iteration: int) -> None:
         history = {name: values[:iteration] for name, values in self.history.items()}

@@ -104,12 +104,7 @@ def make_train_step(
 
     def step(state: TrainState) -> tuple[TrainState, StepOutput]:
         key, batch_key = jax.random.split(state.key)
-        batch = sample_batch(batch_key)
-        if mesh is not None:
-            # Each device draws and keeps only its own rows of the batch.
-            batch = jax.lax.with_sharding_constraint(
-                batch, batch_shardings(batch, batch_axes, mesh)
-            )
+        batch = _draw_batch(sample_batch, batch_key, mesh, batch_axes)
 
         def loss_of_params(params):
             return loss_fn(eqx.combine(params, static), batch)
@@ -117,17 +112,10 @@ def make_train_step(
         (loss, aux), grads = jax.value_and_grad(loss_of_params, has_aux=True)(
             state.params
         )
-        # Optax mixes Python floats with its int32 step count, which strict dtype
-        # promotion refuses; the user's loss above runs under their own setting.
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = optimiser.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.all(
-            jnp.stack(
-                [jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)]
-            )
-        )
+        params, opt_state = _apply_update(optimiser, grads, state)
+        finite = _all_finite(loss, params)
         new = TrainState(params, opt_state, key)
+        # A non-finite update is not applied: the state comes back as it was.
         new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
         if mesh is not None:
             new = jax.lax.with_sharding_constraint(new, replicated(mesh))
@@ -137,3 +125,37 @@ def make_train_step(
     if mesh is None:
         return jax.jit(step, donate_argnums=donate_argnums)
     return jax.jit(step, donate_argnums=donate_argnums, in_shardings=replicated(mesh))
+
+
+def _draw_batch(
+    sample_batch: Callable[[PRNGKeyArray], Any],
+    key: PRNGKeyArray,
+    mesh: Mesh | None,
+    batch_axes: BatchAxes,
+) -> Any:
+    """`sample_batch(key)`, split over `mesh` along `batch_axes`."""
+    batch = sample_batch(key)
+    if mesh is not None:
+        # Each device draws and keeps only its own rows of the batch.
+        batch = jax.lax.with_sharding_constraint(
+            batch, batch_shardings(batch, batch_axes, mesh)
+        )
+    return batch
+
+
+def _apply_update(
+    optimiser: optax.GradientTransformation, grads: PyTree, state: TrainState
+) -> tuple[PyTree, PyTree]:
+    """The parameters and optimiser state after `optimiser`'s update with `grads`."""
+    # Optax mixes Python floats with its int32 step count, which strict dtype
+    # promotion refuses; the user's loss runs under their own setting.
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = optimiser.update(grads, state.opt_state, state.params)
+    return optax.apply_updates(state.params, updates), opt_state
+
+
+def _all_finite(loss: Float[Array, ""], params: PyTree) -> Bool[Array, ""]:
+    """Whether `loss` and every parameter are finite."""
+    return jnp.isfinite(loss) & jnp.all(
+        jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)])
+    )
