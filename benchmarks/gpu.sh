@@ -5,9 +5,9 @@
 #
 # Needs only the preinstalled jax/diffrax/equinox (and torch + torchdiffeq, optional):
 # the repository is put on PYTHONPATH, nothing is installed. Everything ends within
-# TOTAL_S seconds (default 460, under 8 minutes on one H100/H200):
+# TOTAL_S seconds (default 480: 8 minutes on one H100/H200):
 #
-# 1. report.py, with REPORT_S seconds (default 260) as its --budget-s: it cuts its plan
+# 1. report.py, with REPORT_S seconds (default 300) as its --budget-s: it cuts its plan
 #    to that budget by its own estimate before it starts, prints the plan and the
 #    estimate (also here, first), and lists whatever it planned and did not measure.
 #    Its phases never share the device: compiling and errors, interleaved timings,
@@ -40,9 +40,9 @@ elif [ "$backend" != "gpu" ]; then
     QUICK_ARGS+=(--quick)
 fi
 if [ ${#QUICK_ARGS[@]} = 0 ]; then  # the GPU sizes: 8 minutes in all
-    TOTAL_S=${TOTAL_S:-460}
+    TOTAL_S=${TOTAL_S:-480}
     if [[ " ${REPORT_ARGS[*]-} " != *" --budget-s "* ]]; then
-        REPORT_ARGS+=(--budget-s "${REPORT_S:-260}")
+        REPORT_ARGS+=(--budget-s "${REPORT_S:-300}")
     fi
 else  # --quick, on a CPU: report.py's own budget, and time for the rest
     TOTAL_S=${TOTAL_S:-1200}

@@ -41,7 +41,7 @@ import time
 
 from reporting import analysis, render, run
 
-QUICK_HELP = "small sizes: under 5 minutes on 2 CPU cores"
+QUICK_HELP = "small sizes: under 7 minutes on 2 CPU cores"
 
 
 def parse(argv):

@@ -65,6 +65,10 @@ TINY = dict(
     float64_strategies=(),
     plane_steps=(4,),
     ladder=(2,),
+    adaptive_max_steps=(16,),
+    adaptive_strategies=("symplectic_default",),
+    float64_n_strategies=(),
+    precision_strategies=("symplectic",),
     batches=(),
     state_dims=(),
     repeats=3,
@@ -73,11 +77,20 @@ TINY = dict(
 
 
 def test_plan_covers_every_sweep():
-    configs = plan(SIZES["quick"])
-    assert {c["sweep"] for c in configs} >= {"n", "m", "d", "s", "float64", "plane"}
+    sweeps = {"n", "m", "d", "s", "b", "y", "float64", "float64_n", "plane"}
+    sweeps |= {"adaptive", "precision"}
+    for mode in ("quick", "full"):
+        configs = plan(SIZES[mode])
+        assert {c["sweep"] for c in configs} == sweeps
+        adaptive = [c for c in configs if c["sweep"] == "adaptive"]
+        assert max(c["n_steps"] for c in adaptive) >= 64 * budget.ADAPTIVE_STEPS
+        assert {c["precision"] for c in configs} == {"highest", "default"}
+        n_max = max(c["n_steps"] for c in configs if c["sweep"] == "n")
+        assert {c["n_steps"] for c in configs if c["sweep"] == "float64_n"} == {n_max}
     full = plan(SIZES["full"])
-    assert {"b", "y"} <= {c["sweep"] for c in full}
-    assert set(strategies.PEERS) <= {c["strategy"] for c in full}
+    assert set(strategies.PEERS) - {"diffrax_backsolve"} <= {
+        c["strategy"] for c in full
+    }
     on_plane = {c["strategy"] for c in full if c["sweep"] == "plane"}
     assert {"symplectic_c4", "diffrax_rca_c4", "torch_odeint"} <= on_plane
     assert {c["solver"] for c in full if c["sweep"] == "plane"} == {"rk4"}
@@ -90,8 +103,7 @@ def test_plan_is_cut_to_its_budget_by_its_estimate():
     assert kept == configs[: len(kept)] and kept + cut == configs and cut
     assert budget.estimate_s(kept, **kw) <= 0.9 * 60
     # More checkpoints, fewer recomputing sweeps.
-    c = dict(configs[0], n_steps=1024)
-    assert budget.sweeps_over(c, 4) > budget.sweeps_over(c, 64) >= 1
+    assert budget.sweeps_over(1024, 4) > budget.sweeps_over(1024, 64) >= 1
 
 
 def test_report_runs_end_to_end(tmp_path, monkeypatch):
@@ -135,6 +147,16 @@ def test_report_runs_end_to_end(tmp_path, monkeypatch):
     assert "## Time–memory plane: rk4, n = 4" in text
     assert "by how much over Diffrax's best" in text
     assert (tmp_path / "plane_rk4_4.png").exists()
+    # The adaptive solve takes fewer steps than its max_steps; precision is a row field.
+    (adaptive,) = [r for r in results["rows"] if r["sweep"] == "adaptive"]
+    assert adaptive["tol"] == problems.ADAPTIVE_TOL
+    assert 0 < adaptive["nfe_forward"] < 16 * adaptive["stages"]
+    assert adaptive["grad_rel_error"] < 1e-3  # float32 steps may differ from float64's
+    assert {r["precision"] for r in results["rows"] if r["sweep"] == "precision"} == {
+        "highest",
+        "default",
+    }
+    assert "## Adaptive Tsit5" in text and "## JAX's default matmul precision" in text
 
 
 def _rows():

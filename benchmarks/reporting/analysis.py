@@ -49,7 +49,12 @@ def checks(rows: list[dict]) -> list[dict]:
     """The properties the report must show, evaluated on its own rows."""
     return [
         c
-        for c in (_check_float32(rows), _check_float64(rows), *_check_memory(rows))
+        for c in (
+            _check_float32(rows),
+            _check_float64(rows),
+            *_check_memory(rows),
+            *_check_adaptive(rows),
+        )
         if c is not None
     ]
 
@@ -121,6 +126,36 @@ def _check_memory(rows):
                     passed=bool(b > 10 * s and s > c),
                 )
             )
+    return out
+
+
+def _check_adaptive(rows):
+    """On an adaptive solve, the gradient's time and memory at the largest `max_steps`
+    are within 1.5× of those at the smallest: they follow the steps taken."""
+    out = []
+    for strategy in ("backprop", "symplectic_default"):
+        mine = sorted(
+            (
+                r
+                for r in rows
+                if (r["sweep"], r["strategy"]) == ("adaptive", strategy)
+                and r.get("time_ms") is not None
+            ),
+            key=lambda r: r["n_steps"],
+        )
+        if len(mine) < 2:
+            continue
+        lo, hi = mine[0], mine[-1]
+        time = hi["time_ms"] / lo["time_ms"]
+        memory = hi["xla_temp_bytes"] / lo["xla_temp_bytes"]
+        out.append(
+            dict(
+                name=f"adaptive: {strategy}'s cost follows the steps taken, not max_steps",
+                value=f"max_steps {lo['n_steps']} → {hi['n_steps']}: time ×{time:.2f}, "
+                f"memory ×{memory:.2f}",
+                passed=bool(time <= 1.5 and memory <= 1.5),
+            )
+        )
     return out
 
 

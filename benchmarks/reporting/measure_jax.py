@@ -10,10 +10,18 @@ import time
 import numpy as np
 
 from reporting import timing
-from reporting.problems import T1, T1_TOLERANCE, config_key, group_key, network_key
+from reporting.problems import (
+    MATMUL_PRECISION,
+    T1,
+    T1_TOLERANCE,
+    config_key,
+    group_key,
+    network_key,
+)
 from reporting.solve import (
     config_forward,
     config_gradient,
+    config_loss,
     flat_grads,
     grad_fn,
     jax_problem,
@@ -52,12 +60,13 @@ class Measurer:
         """float64 full backprop of the same discretisation."""
 
         def make():
-            g, params, y0 = config_gradient(
-                dict(c, strategy="backprop", dtype="float64")
+            reference = dict(
+                c, strategy="backprop", dtype="float64", precision=MATMUL_PRECISION
             )
+            g, params, y0 = config_gradient(reference)
             return flat_grads(g(params, y0))
 
-        key = ("exact", c["solver"], c["n_steps"]) + network_key(c)
+        key = ("exact", c["solver"], c["n_steps"], c.get("tol")) + network_key(c)
         return self._once(key, make)
 
     def continuous_reference(self, c, t1=T1):
@@ -131,6 +140,20 @@ class Measurer:
         if not gradient:
             return counts
         return self._primal_count(c["solver"], ns), counts
+
+    def _count_adaptive(self, c):
+        """(forward, backward) evaluations of f in configuration `c`'s adaptive solve."""
+        import neuralode.measure
+
+        jax = setup_jax()
+        params, static, y0 = jax_problem(c)
+        counter = neuralode.measure.EvaluationCounter()
+        loss = config_loss(c, static, counter=counter)
+        jax.block_until_ready(jax.jit(loss)(params, y0))
+        forward = counter.count
+        counter.reset()
+        jax.block_until_ready(grad_fn(loss)(params, y0))
+        return forward, counter.count - forward
 
     def prepare(self, c) -> dict:
         """Every field of one row except the times and `peak_bytes`; the compiled

@@ -11,14 +11,30 @@ from reporting.problems import T1_TOLERANCE
 from reporting.strategies import CORE, DESCRIPTION, PEERS, TORCH, family, label
 
 MIB = 2**20
+# (sweep, the row's field it varies, its column's name, title; {n}: the base n).
 SWEEP_TABLES = (
-    ("n", "n_steps", "Steps n"),
-    ("s", "solver", "Stages s"),
-    ("m", "depth", "Depth m"),
-    ("d", "width", "Width d"),
-    ("b", "batch", "Batch size"),
-    ("y", "state_dim", "State size"),
-    ("float64", "solver", "float64 runs"),
+    ("n", "n_steps", "n_steps", "Steps n"),
+    (
+        "adaptive",
+        "n_steps",
+        "max_steps",
+        "Adaptive Tsit5, `max_steps` far above the steps taken (rtol = atol = "
+        "{tol:g}; steps taken ≈ nfe fwd / stages; × fwd: the same adaptive forward solve)",
+    ),
+    ("s", "solver", "solver", "Stages s (n = {n})"),
+    ("m", "depth", "depth", "Depth m (n = {n})"),
+    ("d", "width", "width", "Width d (n = {n})"),
+    ("b", "batch", "batch", "Batch size (n = {n})"),
+    ("y", "state_dim", "state_dim", "State size (n = {n})"),
+    (
+        "precision",
+        "precision",
+        "precision",
+        "JAX's default matmul precision beside `highest` (n = {n}; on NVIDIA GPUs the "
+        "default multiplies float32 in TF32; err: against float64)",
+    ),
+    ("float64", "solver", "solver", "float64 runs (n = {n})"),
+    ("float64_n", "n_steps", "n_steps", "float64 at the largest n"),
 )
 
 
@@ -263,17 +279,18 @@ def _sweeps(results):
         "![memory vs n](memory_vs_n.png) ![time vs n](time_vs_n.png) "
         "![error vs tolerance](error_vs_tol.png)",
     ]
-    for sweep, var, title in SWEEP_TABLES:
+    for sweep, var, column, title in SWEEP_TABLES:
         sel = [r for r in rows if r["sweep"] == sweep]
         if not sel:
             continue
-        at = f"({fixed})" if sweep == "n" else f"(n = {sizes['n_base']})"
+        title = title.format(n=sizes["n_base"], tol=sel[0].get("tol") or 0)
+        title += f" ({fixed})" if sweep == "n" else ""
         second = "stages" if var == "solver" else "solver"
         lines += [
             "",
-            f"## {title} {at}",
+            f"## {title}",
             "",
-            f"| strategy | {var} | {second} | xla MiB | peak MiB | time ms | × fwd | err "
+            f"| strategy | {column} | {second} | xla MiB | peak MiB | time ms | × fwd | err "
             "| err∞ | nfe fwd | nfe bwd |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]

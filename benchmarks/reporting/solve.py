@@ -129,24 +129,59 @@ def loss_fn(strategy, solver, n, static, dtype, *, counter=None, tol=None, **opt
     return loss
 
 
-def grad_fn(loss):
+def config_loss(c: dict, static, strategy=None, dtype=None, counter=None):
+    """loss(params, y0) of configuration `c`, with `strategy` and `dtype` in place of its
+    own if given: n constant steps, or adaptive steps at `c["tol"]` (at most n)."""
+    import jax.numpy as jnp
+
+    strategy, dtype = strategy or c["strategy"], dtype or c["dtype"]
+    n, tol = c["n_steps"], c.get("tol")
+    if tol is None:
+        return loss_fn(strategy, c["solver"], n, static, dtype, counter=counter)
+    adaptive = loss_fn(
+        strategy,
+        c["solver"],
+        None,
+        static,
+        dtype,
+        counter=counter,
+        tol=True,
+        max_steps=n,
+    )
+    return lambda params, y0: adaptive(params, y0, jnp.asarray(tol, dtype))
+
+
+def under_precision(fn, precision=None):
+    """`fn` traced under the matmul `precision` (default: the report's)."""
     jax = setup_jax()
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+    def traced(*args):
+        with jax.default_matmul_precision(precision or MATMUL_PRECISION):
+            return fn(*args)
+
+    return traced
+
+
+def grad_fn(loss, precision=None):
+    """The jitted gradient of `loss` with respect to its first two arguments, traced
+    under the matmul `precision`, backward pass included (a custom VJP's backward is
+    traced outside `loss`)."""
+    jax = setup_jax()
+    return jax.jit(under_precision(jax.grad(loss, argnums=(0, 1)), precision))
 
 
 def config_gradient(c: dict):
     """(jitted gradient, params, y0) of configuration `c`'s loss."""
     params, static, y0 = jax_problem(c)
-    loss = loss_fn(c["strategy"], c["solver"], c["n_steps"], static, c["dtype"])
-    return grad_fn(loss), params, y0
+    return grad_fn(config_loss(c, static), c.get("precision")), params, y0
 
 
 def config_forward(c: dict):
     """The jitted forward solve (loss without a gradient) of `c`'s problem."""
     jax = setup_jax()
     params, static, y0 = jax_problem(c)
-    loss = loss_fn("diffrax_rca", c["solver"], c["n_steps"], static, c["dtype"])
-    return jax.jit(loss), params, y0
+    loss = config_loss(c, static, "diffrax_rca")
+    return jax.jit(under_precision(loss, c.get("precision"))), params, y0
 
 
 def flat_grads(grads) -> list[np.ndarray]:

@@ -6,6 +6,9 @@ adjoints (its peers), torchdiffeq's, and checkpoint ladders of both exact famili
 import re
 
 CORE = ("backprop", "continuous", "symplectic")
+# The adaptive sweep: `symplectic_default` is `SymplecticAdjoint()`, whose checkpoints
+# follow the steps taken (`symplectic` keeps a state for each of `max_steps`).
+ADAPTIVE = CORE + ("symplectic_default", "diffrax_rca")
 PEERS = ("diffrax_rca", "diffrax_rca_n", "diffrax_direct", "diffrax_backsolve")
 TORCH = ("torch_odeint", "torch_odeint_adjoint")
 # Strategies of the gradient-error-vs-tolerance sweep.
@@ -16,6 +19,7 @@ LABEL = {
     "backprop": "backprop",
     "continuous": "continuous",
     "symplectic": 'SymplecticAdjoint(checkpoints="all")',
+    "symplectic_default": "SymplecticAdjoint()",
     "diffrax_rca": "RecursiveCheckpointAdjoint()",
     "diffrax_rca_n": "RecursiveCheckpointAdjoint(checkpoints=n)",
     "diffrax_direct": "DirectAdjoint()",
@@ -27,6 +31,7 @@ DESCRIPTION = {
     "backprop": "neuralode backprop (`BackpropAdjoint`)",
     "continuous": "neuralode continuous (`ContinuousAdjoint` over `BacksolveAdjoint`)",
     "symplectic": 'neuralode symplectic (`SymplecticAdjoint(checkpoints="all")`)',
+    "symplectic_default": "neuralode symplectic, default checkpoints (`SymplecticAdjoint()`)",
     "diffrax_rca": "diffrax `RecursiveCheckpointAdjoint()` (default checkpoints)",
     "diffrax_rca_n": "diffrax `RecursiveCheckpointAdjoint(checkpoints=n)`",
     "diffrax_direct": "diffrax `DirectAdjoint()`",
@@ -79,7 +84,7 @@ def is_diffrax(strategy: str) -> bool:
 
 def order(strategy: str) -> tuple:
     """Sort key: the fixed strategies in their listed order, then ladders by rung."""
-    names = CORE + PEERS + TORCH
+    names = CORE + ("symplectic_default",) + PEERS + TORCH
     rung = ladder(strategy)
     if rung is None:
         return (names.index(strategy) if strategy in names else len(names), 0)
@@ -100,6 +105,8 @@ def make_adjoint(strategy: str, n: int, tol=None):
         return diffrax.RecursiveCheckpointAdjoint(checkpoints=rung[1])
     if strategy == "symplectic":  # every step kept: the O(n·d) schedule measured here
         return neuralode.SymplecticAdjoint(checkpoints="all")
+    if strategy == "symplectic_default":
+        return neuralode.SymplecticAdjoint()
     if strategy == "continuous" and tol is not None:
         return neuralode.get_adjoint("continuous", rtol=tol, atol=tol)
     if strategy in neuralode.ADJOINT_NAMES:
