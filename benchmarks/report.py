@@ -30,7 +30,8 @@ What each row measures:
 
 Float32 matrix products run at `jax_default_matmul_precision="highest"`: JAX's default on
 NVIDIA GPUs is TF32, whose rounding would hide the strategies' own errors (torch's default
-for float32 matmuls is full float32 too).
+for float32 matmuls is full float32 too). The `precision` sweep measures JAX's default
+beside it; each row records its `precision`, and its `tol` (None: constant steps).
 """
 
 import argparse
@@ -41,7 +42,7 @@ import time
 
 from reporting import analysis, render, run
 
-QUICK_HELP = "small sizes: under 7 minutes on 2 CPU cores"
+QUICK_HELP = "small sizes: about 6 minutes on 2 CPU cores (budget 450 s)"
 
 
 def parse(argv):

@@ -11,9 +11,9 @@ target, or after `max_iters`.
 
 Reported per strategy: iterations to the target, wall-clock of the training steps
 (evaluation and compilation excluded, compilation listed apart), XLA's static memory of
-the compiled step (arguments, outputs and temporaries; on a GPU with a preallocated pool
-it matched the device's peak to 0.1 MiB in the report's runs), and the final held-out
-NLL.
+the compiled step (arguments, outputs and temporaries; the same on every device, and on
+a GPU close to its measured peak, see `report.py`'s `peak_bytes`), and the final
+held-out NLL.
 
     python benchmarks/time_to_target.py --quick --out benchmarks/results/cpu
     python benchmarks/time_to_target.py --out benchmarks/results/<device>   # on a GPU

@@ -95,7 +95,10 @@ class Measurer:
         """(forward, backward) evaluations of f, counted at run time on a small network
         (the count depends on the strategy, solver and n only). One compile serves every
         n of the plan where the schedule does not depend on `max_steps` (dt0 is an
-        input, `max_steps` the largest n); checkpointing schedules get one per n."""
+        input, `max_steps` the largest n); checkpointing schedules get one per n.
+        An adaptive solve is counted on its own network, whose field sets the steps."""
+        if c.get("tol") is not None:
+            return self._once(("nfe",) + config_key(c), lambda: self._count_adaptive(c))
         ns = {c["n_steps"]}
         if not schedule_depends_on_max_steps(c["strategy"]):
             ns |= {

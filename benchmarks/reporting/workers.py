@@ -81,13 +81,13 @@ def measure_peaks(configs: list[dict], xla_bytes: dict, deadline: float):
     return peaks, skipped
 
 
-def run_worker(kind: str, payload, env: dict, deadline: float):
-    """Run `report.py --{kind}-worker PAYLOAD` in a fresh process until `deadline`:
-    (result, error)."""
+def run_worker(kind: str, payload, env: dict, deadline: float, script=None):
+    """Run `SCRIPT --{kind}-worker PAYLOAD` (default SCRIPT: report.py) in a fresh
+    process until `deadline`: (result, error)."""
     timeout = deadline - time.perf_counter()
     if timeout < 5:
         return None, "time budget"
-    script = os.path.join(HERE, "report.py")
+    script = script or os.path.join(HERE, "report.py")
     try:
         proc = subprocess.run(
             [sys.executable, script, f"--{kind}-worker", json.dumps(payload)],
