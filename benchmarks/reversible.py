@@ -32,6 +32,7 @@ import diffrax  # noqa: E402
 import jax.lax as lax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from reporting.script import device_name  # noqa: E402
 
 import neuralode  # noqa: E402
 import neuralode.measure  # noqa: E402
@@ -120,12 +121,9 @@ def main(argv=None):
             gradient.append(dict(field=field, n=n, error=e))
             print(f"default λ {field:12s} n={n:6d} gradient error {e:.1e}", flush=True)
 
-    device = jax.devices()[0]
     result = dict(
         command="python benchmarks/reversible.py" + (" --quick" if args.quick else ""),
-        device=f"{os.cpu_count()}-core CPU"
-        if device.platform == "cpu"
-        else device.device_kind,
+        device=device_name(),
         jax=jax.__version__,
         diffrax=diffrax.__version__,
         python=platform.python_version(),

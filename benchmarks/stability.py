@@ -35,6 +35,7 @@ import diffrax  # noqa: E402
 import equinox as eqx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from reporting.script import device_name  # noqa: E402
 
 import neuralode  # noqa: E402
 import neuralode.measure  # noqa: E402
@@ -121,11 +122,8 @@ def main(argv=None):
         tolerance_rows.append(dict(strategy=name, error=error, ms=times[name]))
         print(f"T={horizon:5.1f} {name:24s} error {error:.1e} {times[name]:8.1f} ms")
 
-    device = jax.devices()[0]
     result = dict(
-        device=f"{os.cpu_count()}-core CPU"
-        if device.platform == "cpu"
-        else device.device_kind,
+        device=device_name(),
         jax=jax.__version__,
         diffrax=diffrax.__version__,
         python=platform.python_version(),
