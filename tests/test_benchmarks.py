@@ -222,6 +222,48 @@ def test_plane_frontier_and_answers():
     assert by_memory[100]["speedup"] == pytest.approx(2.0)  # rca_n's 2 ms over 1 ms
 
 
+def _adaptive_rows(ratio_at_4096, memory_at_4096):
+    base = dict(sweep="adaptive", tol=1e-6, time_ms=1.0, dtype="float32")
+    return [
+        dict(base, strategy="symplectic_default", n_steps=64, time_ratio=3.0)
+        | dict(xla_temp_bytes=30),
+        dict(base, strategy="diffrax_rca", n_steps=64, time_ratio=3.5)
+        | dict(xla_temp_bytes=40),
+        dict(
+            base, strategy="symplectic_default", n_steps=4096, time_ratio=ratio_at_4096
+        )
+        | dict(xla_temp_bytes=memory_at_4096),
+        dict(base, strategy="diffrax_rca", n_steps=4096, time_ratio=4.0)
+        | dict(xla_temp_bytes=140),
+    ]
+
+
+@pytest.mark.parametrize(
+    "ratio, memory, holds",
+    [(3.2, 130, True), (5.0, 130, False), (3.2, 150, False)],
+)
+def test_adaptive_check(ratio, memory, holds):
+    # Time (as a multiple of the forward solve) follows the steps taken, not
+    # max_steps, in at most RecursiveCheckpointAdjoint()'s memory at each max_steps.
+    (check,) = analysis._check_adaptive(_adaptive_rows(ratio, memory))
+    assert check["passed"] is holds
+
+
+def test_float32_check_compares_constant_steps_at_full_precision():
+    # TF32 products (precision "default") or adaptive steps must not enter the check,
+    # and a row that is in several sweeps counts once.
+    row = dict(plan(TINY)[0], dtype="float32", grad_rel_error=1e-7)
+    rows = [
+        dict(row, strategy="backprop"),
+        dict(row, strategy="symplectic"),
+        dict(row, strategy="symplectic", sweep="m"),
+        dict(row, strategy="backprop", precision="default", grad_rel_error=1e-7),
+        dict(row, strategy="symplectic", precision="default", grad_rel_error=1e-3),
+    ]
+    (check,) = [c for c in analysis.checks(rows) if c["name"].startswith("float32")]
+    assert check["passed"] and "over 1 configurations" in check["value"]
+
+
 def test_exponents_checks_and_output(tmp_path):
     rows = _rows()
     table = {e["strategy"]: e for e in analysis.exponents(rows)}

@@ -64,15 +64,15 @@ def compiles(configs: list[dict]) -> int:
     """Programs compiled to measure `configs`: each gradient; per problem its forward
     solve and float64 reference; per network the converged reference; the evaluation
     counts (per strategy and solver, or per configuration where the schedule depends on
-    `max_steps` or the steps are adaptive, forward and gradient); and the tolerance
-    sweep's 5."""
+    `max_steps` or the steps are adaptive); and the tolerance sweep's 5."""
     counts = {
         (c["strategy"], c["solver"])
         if c.get("tol") is None and not schedule_depends_on_max_steps(c["strategy"])
         else config_key(c)
         for c in configs
     }
-    adaptive = sum(c.get("tol") is not None for c in configs)  # + their forward counts
+    # An adaptive problem also counts its primal solve's evaluations, once.
+    adaptive = len({group_key(c) for c in configs if c.get("tol") is not None})
     return (
         len(configs)
         + adaptive

@@ -57,11 +57,14 @@ class Measurer:
         return future.result()
 
     def exact_reference(self, c):
-        """float64 full backprop of the same discretisation."""
+        """float64 full backprop of the same discretisation; of an adaptive solve,
+        float64 `RecursiveCheckpointAdjoint()` (as exact, and backprop would keep a
+        state for each of `max_steps`), on the steps the float64 solve chooses."""
 
         def make():
+            strategy = "backprop" if c.get("tol") is None else "diffrax_rca"
             reference = dict(
-                c, strategy="backprop", dtype="float64", precision=MATMUL_PRECISION
+                c, strategy=strategy, dtype="float64", precision=MATMUL_PRECISION
             )
             g, params, y0 = config_gradient(reference)
             return flat_grads(g(params, y0))
@@ -104,7 +107,8 @@ class Measurer:
             ns |= {
                 p["n_steps"]
                 for p in self.configs
-                if p["strategy"] == c["strategy"] and p["solver"] == c["solver"]
+                if (p["strategy"], p["solver"]) == (c["strategy"], c["solver"])
+                and p.get("tol") is None
             }
         ns = tuple(sorted(ns))
         key = ("nfe", c["strategy"], c["solver"], ns)
@@ -115,7 +119,11 @@ class Measurer:
     def _primal_count(self, solver, ns):
         """Evaluations of f in the primal solve: the same loop for every strategy, so
         one compile serves every n of the plan with this solver."""
-        planned = {p["n_steps"] for p in self.configs if p["solver"] == solver}
+        planned = {
+            p["n_steps"]
+            for p in self.configs
+            if p["solver"] == solver and p.get("tol") is None
+        }
         ns = tuple(sorted(planned)) if set(ns) <= planned else ns
         c = dict(strategy="diffrax_rca_n", solver=solver)
         return self._once(("primal", solver, ns), lambda: self._count(c, ns, False))
@@ -145,18 +153,25 @@ class Measurer:
         return self._primal_count(c["solver"], ns), counts
 
     def _count_adaptive(self, c):
-        """(forward, backward) evaluations of f in configuration `c`'s adaptive solve."""
-        import neuralode.measure
-
+        """(forward, backward) evaluations of f in configuration `c`'s adaptive solve:
+        the primal solve's (shared by the problem's strategies), and the gradient's
+        beyond them."""
         jax = setup_jax()
-        params, static, y0 = jax_problem(c)
-        counter = neuralode.measure.EvaluationCounter()
-        loss = config_loss(c, static, counter=counter)
-        jax.block_until_ready(jax.jit(loss)(params, y0))
-        forward = counter.count
-        counter.reset()
-        jax.block_until_ready(grad_fn(loss)(params, y0))
-        return forward, counter.count - forward
+
+        def count(strategy, gradient):
+            import neuralode.measure
+
+            params, static, y0 = jax_problem(c)
+            counter = neuralode.measure.EvaluationCounter()
+            loss = config_loss(c, static, strategy, counter=counter)
+            fn = grad_fn(loss) if gradient else jax.jit(loss)
+            jax.block_until_ready(fn(params, y0))
+            return counter.count
+
+        primal = self._once(
+            ("primal",) + group_key(c), lambda: count("diffrax_rca", False)
+        )
+        return primal, count(c["strategy"], True) - primal
 
     def prepare(self, c) -> dict:
         """Every field of one row except the times and `peak_bytes`; the compiled

@@ -18,8 +18,10 @@ SWEEP_TABLES = (
         "adaptive",
         "n_steps",
         "max_steps",
-        "Adaptive Tsit5, `max_steps` far above the steps taken (rtol = atol = "
-        "{tol:g}; steps taken ≈ nfe fwd / stages; × fwd: the same adaptive forward solve)",
+        "Adaptive Tsit5, `max_steps` far above the steps taken (rtol = atol = {tol:g}; "
+        "steps taken ≈ nfe fwd / stages; × fwd: the same adaptive forward solve; err: "
+        "against float64 `RecursiveCheckpointAdjoint()`, whose solve chooses its own "
+        "steps)",
     ),
     ("s", "solver", "solver", "Stages s (n = {n})"),
     ("m", "depth", "depth", "Depth m (n = {n})"),
@@ -284,7 +286,7 @@ def _sweeps(results):
         if not sel:
             continue
         title = title.format(n=sizes["n_base"], tol=sel[0].get("tol") or 0)
-        title += f" ({fixed})" if sweep == "n" else ""
+        title += f" ({fixed})" if sweep in ("n", "adaptive") else ""
         second = "stages" if var == "solver" else "solver"
         lines += [
             "",

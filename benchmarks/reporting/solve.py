@@ -129,12 +129,12 @@ def loss_fn(strategy, solver, n, static, dtype, *, counter=None, tol=None, **opt
     return loss
 
 
-def config_loss(c: dict, static, strategy=None, dtype=None, counter=None):
-    """loss(params, y0) of configuration `c`, with `strategy` and `dtype` in place of its
-    own if given: n constant steps, or adaptive steps at `c["tol"]` (at most n)."""
+def config_loss(c: dict, static, strategy=None, counter=None):
+    """loss(params, y0) of configuration `c`, with `strategy` in place of its own if
+    given: n constant steps, or adaptive steps at `c["tol"]` (at most n)."""
     import jax.numpy as jnp
 
-    strategy, dtype = strategy or c["strategy"], dtype or c["dtype"]
+    strategy, dtype = strategy or c["strategy"], c["dtype"]
     n, tol = c["n_steps"], c.get("tol")
     if tol is None:
         return loss_fn(strategy, c["solver"], n, static, dtype, counter=counter)

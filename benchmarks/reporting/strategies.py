@@ -120,6 +120,10 @@ def make_adjoint(strategy: str, n: int, tol=None):
 
 
 def schedule_depends_on_max_steps(strategy: str) -> bool:
-    """Whether the checkpointing schedule (so the count of evaluations of f) changes
-    with `max_steps` when n steps are taken."""
-    return strategy in ("diffrax_rca", "diffrax_direct") or ladder(strategy) is not None
+    """Whether the schedule (so the count of evaluations of f) changes with `max_steps`
+    when n steps are taken: checkpointing, and backprop's blocks of steps (cut off at
+    `max_steps`)."""
+    return (
+        strategy in ("backprop", "diffrax_rca", "diffrax_direct")
+        or ladder(strategy) is not None
+    )
