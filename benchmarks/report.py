@@ -42,7 +42,7 @@ import time
 
 from reporting import analysis, render, run
 
-QUICK_HELP = "small sizes: about 6 minutes on 2 CPU cores (budget 450 s)"
+QUICK_HELP = "small sizes: about 6-7 minutes on 2 CPU cores (budget 480 s)"
 
 
 def parse(argv):

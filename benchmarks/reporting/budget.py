@@ -1,15 +1,17 @@
 """How long a plan takes, estimated before anything runs, and the plan cut to a budget.
 
-The cost model is deliberately plain: compilation at a fixed cost per compile, three
-per configuration, divided among the threads; each gradient's run in evaluations of f (a vector-Jacobian product counted as
-two), times a cost per evaluation of `overhead + flops / rate`; every timed run
-`repeats + 2` times. The constants come from committed runs: on the 2-core CPU a
-quick-mode configuration took 6.5 s all told with 2 threads and Tsit5's `symplectic` 14 µs per evaluation of the
-32-wide MLP over 16 states (`results/cpu/results.json`); on an H100 compiles took
-about 12 s with 8 threads beside 8 compiling peak processes (8 s assumed alone), and
-every evaluation cost about 27 µs whatever its size
-(kernel launches; `results/nvidia-h100-80gb-hbm3/results.json`), torchdiffeq's about
-300 µs."""
+The cost model is deliberately plain: a fixed cost per program compiled (`compiles`),
+divided among the threads; each gradient's run in evaluations of f (a vector-Jacobian
+product counted as two), times a cost per evaluation of `overhead + flops / rate`;
+every timed run `repeats + 2` times, with one forward solve per problem and round. The
+constants come from committed runs: on the 2-core CPU the quick plan's 52
+configurations (about 130 programs) took about 6.4 minutes with 2 threads, and Tsit5's
+`symplectic` 14 µs per evaluation of the 32-wide MLP over 16 states
+(`results/cpu/results.json`); on an H100 compiles took about 12 s with 8 threads
+beside 8 compiling peak processes (8 s assumed alone), and every evaluation cost about
+27 µs whatever its size (kernel launches; `results/nvidia-h100-80gb-hbm3/results.json`),
+torchdiffeq's about 300 µs. The GPU constants have not been checked against a run of
+the present plan."""
 
 import math
 
@@ -17,7 +19,7 @@ from reporting.problems import config_key, group_key, network_key
 from reporting.strategies import TORCH, ladder, schedule_depends_on_max_steps
 
 # backend: (compile s, overhead s per evaluation, flop/s, torch s per evaluation)
-COSTS = {"cpu": (4.0, 2e-6, 4e9, 1e-4), "gpu": (8.0, 27e-6, 2e13, 3e-4)}
+COSTS = {"cpu": (4.5, 2e-6, 4e9, 1e-4), "gpu": (8.0, 27e-6, 2e13, 3e-4)}
 STAGES = {"heun": 2, "bosh3": 4, "tsit5": 7, "dopri5": 7, "dopri8": 14, "rk4": 4}
 
 

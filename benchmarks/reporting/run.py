@@ -231,7 +231,13 @@ def run(mode, budget_s, out, threads, command):
 
     jax = setup_jax()
     measurer = Measurer([c for c in unique if c["strategy"] not in TORCH])
-    reserve = 0.15 * budget_s * (with_torch() + (backend == "gpu")) + 0.03 * budget_s
+    # Kept for the later phases: torchdiffeq by its estimate (plus its process's
+    # start), the GPU's peak processes, and a margin.
+    torch_configs = [c for c in unique if c["strategy"] in TORCH]
+    kw = dict(backend=backend, threads=threads, repeats=sizes["repeats"])
+    torch_s = 10 + budget.estimate_s(torch_configs, **kw) if torch_configs else 0
+    peaks_s = 0.15 * budget_s * (backend == "gpu")
+    reserve = torch_s + peaks_s + 0.03 * budget_s
     prepared, tolerance_rows, failed = prepare_all(
         measurer, unique, sizes, clock, threads, reserve
     )
@@ -241,7 +247,6 @@ def run(mode, budget_s, out, threads, command):
         prepared, timed, sizes["repeats"], clock.deadline - reserve, clock.log
     )
     # torchdiffeq until the peaks' share of the budget (on a GPU), the peaks to the end.
-    peaks_s = 0.15 * budget_s * (backend == "gpu")
     torch_rows, versions, failed = run_torch(
         unique, sizes, clock.deadline - peaks_s, measurer
     )
