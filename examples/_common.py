@@ -74,12 +74,7 @@ def positive_float(text: str) -> float:
     return _positive(text, float, "a positive number")
 
 
-def devices_option(text: str) -> int | str:
-    """`argparse` type: a positive int, or `all`."""
-    return text if text == "all" else _positive(text, int, "a positive integer or all")
-
-
-def checkpoints_option(text: str) -> int | str:
+def positive_int_or_all(text: str) -> int | str:
     """`argparse` type: a positive int, or `all`."""
     return text if text == "all" else _positive(text, int, "a positive integer or all")
 
@@ -140,7 +135,7 @@ def _add_adjoint_arguments(group: Any, *, adjoint: str) -> None:
     )
     group.add_argument(
         "--checkpoints",
-        type=checkpoints_option,
+        type=positive_int_or_all,
         default=None,
         help="with --adjoint symplectic: checkpoints kept for the backward pass, an "
         "int or 'all' (every step; default: Diffrax's number, about "
@@ -375,18 +370,9 @@ def solve_accurately(field: Any, ts: Any, y0: Any) -> Any:
     """The solution of the vector field `field` from `y0`, saved at `ts`, with tight
     adaptive steps whatever the training used: it shows how well the field was
     learned, not the error of the training's solver."""
-    return diffrax.diffeqsolve(
-        diffrax.ODETerm(field),
-        diffrax.Tsit5(),
-        t0=ts[0],
-        t1=ts[-1],
-        dt0=None,
-        y0=y0,
-        saveat=diffrax.SaveAt(ts=ts),
-        stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-8),
-        max_steps=100_000,
-        throw=False,
-    ).ys
+    return neuralode.data.simulate(
+        field, y0, ts, rtol=1e-6, atol=1e-8, max_steps=100_000, throw=False
+    )
 
 
 def _budget(text: str) -> int | float | str:
@@ -576,12 +562,13 @@ def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
         "devices",
         "data parallel: each batch is split over the devices, the model replicated. "
         "For several processes (hosts), start one per host with the same flags and "
-        "its own --process-id, or set the environment jax.distributed.initialize "
-        "reads (JAX_COORDINATOR_ADDRESS; Slurm, Open MPI); only process 0 writes OUT.",
+        "its own --process-id (or set JAX_COORDINATOR_ADDRESS; under Slurm or Open "
+        "MPI the coordinator alone is enough, JAX reads the rest from the launcher); "
+        "only process 0 writes OUT.",
     )
     g.add_argument(
         "--devices",
-        type=devices_option,
+        type=positive_int_or_all,
         default=1,
         help="devices of each process to train on, a number or 'all' (default: 1); "
         "--batch-size must be divisible by the devices of all processes together",
@@ -619,7 +606,8 @@ def _start_processes(parser: argparse.ArgumentParser, args: argparse.Namespace):
     except (ValueError, TypeError) as e:
         parser.error(
             f"cannot start several processes: {e} Pass --coordinator HOST:PORT, "
-            "--num-processes and --process-id, or launch under Slurm or Open MPI."
+            "--num-processes and --process-id (under Slurm or Open MPI, --coordinator "
+            "alone)."
         )
 
 

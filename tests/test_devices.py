@@ -194,6 +194,8 @@ def test_two_processes_give_the_curve_of_one_with_four_devices(one_process, tmp_
         "metrics.json",
         "spiral.png",
     ]
+    # The gradients are summed across processes, and the batch is never gathered.
+    assert first["collectives"]["all-reduce"] > 0
     assert first["collectives"]["all-gather"] == 0
     for metrics in (first, first_1, resumed, resumed_1):
         assert (metrics["devices"], metrics["processes"]) == (4, 2)

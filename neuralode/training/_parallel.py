@@ -54,13 +54,9 @@ def data_parallel_mesh(devices: int | Literal["all"] = 1) -> Mesh:
     chosen = [
         device
         for process in range(jax.process_count())
-        for device in _devices_of(process)[:count]
+        for device in jax.local_devices(process_index=process)[:count]
     ]
     return Mesh(np.array(chosen), (BATCH_AXIS,))
-
-
-def _devices_of(process: int) -> list[Any]:
-    return [d for d in jax.devices() if d.process_index == process]
 
 
 def batch_shardings(batch: PyTree, batch_axes: BatchAxes, mesh: Mesh) -> PyTree:
@@ -76,7 +72,7 @@ def batch_shardings(batch: PyTree, batch_axes: BatchAxes, mesh: Mesh) -> PyTree:
     def sharding(axis: int | None, leaf: Any) -> NamedSharding:
         shape = np.shape(leaf)
         if axis is None:
-            return NamedSharding(mesh, PartitionSpec())
+            return replicated(mesh)
         if not 0 <= axis < len(shape):
             raise ValueError(
                 f"fit: `batch_axes` gives axis {axis} for a batch array of shape "
@@ -90,18 +86,9 @@ def batch_shardings(batch: PyTree, batch_axes: BatchAxes, mesh: Mesh) -> PyTree:
             )
         return NamedSharding(mesh, PartitionSpec(*[None] * axis, BATCH_AXIS))
 
-    return _map_prefix(sharding, batch_axes, batch)
-
-
-def _map_prefix(fn: Any, prefix: Any, tree: PyTree) -> PyTree:
-    """`fn(prefix leaf, tree leaf)` over `tree`, each leaf of `prefix` standing for the
-    whole subtree of `tree` at its place."""
-    return jax.tree_util.tree_map(
-        lambda axis, subtree: jax.tree_util.tree_map(lambda x: fn(axis, x), subtree),
-        prefix,
-        tree,
-        is_leaf=lambda x: x is None,
-    )
+    # Each leaf of `batch_axes` stands for the whole subtree of `batch` at its place.
+    axes = jax.tree.broadcast(batch_axes, batch, is_leaf=lambda x: x is None)
+    return jax.tree.map(lambda leaf, axis: sharding(axis, leaf), batch, axes)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
