@@ -32,20 +32,18 @@ import jax.numpy as jnp
 from reporting import plane as plane_, script, timing
 
 import neuralode
+import neuralode.measure
 
 STATE, DEPTH = 32, 2
 
 
-def _problem(width, batch, dtype=jnp.float32):
+def problem(width, batch):
     field = neuralode.MLPField(STATE, width, DEPTH, key=jax.random.PRNGKey(0))
-    field = jax.tree_util.tree_map(
-        lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, field
-    )
-    y0 = jax.random.normal(jax.random.PRNGKey(1), (batch, STATE), dtype)
+    y0 = jax.random.normal(jax.random.PRNGKey(1), (batch, STATE), jnp.float32)
     return eqx.partition(field, eqx.is_array), y0
 
 
-def _gradient(adjoint, static, *, steps=None, max_steps, controller=None):
+def gradient(adjoint, static, *, steps=None, max_steps, controller=None):
     """The jitted gradient of ½·mean(y(1)²) with respect to the field and y0."""
     if controller is None:
         controller, dt0 = diffrax.ConstantStepSize(), 1.0 / steps
@@ -73,22 +71,12 @@ def _gradient(adjoint, static, *, steps=None, max_steps, controller=None):
     return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
-def _temp_bytes(fn, *args) -> int:
-    return int(fn.lower(*args).compile().memory_analysis().temp_size_in_bytes)
-
-
-def _time(fns: dict, args, repeats: int) -> dict:
-    """Median and interquartile range (ms) of interleaved runs (A, B, C, A, B, C...)."""
-    _, times = timing.time_interleaved(fns, args, repeats)
-    out = {}
-    for name, t in times.items():
-        median, q25, q75 = timing.quartiles(t)
-        out[name] = dict(ms=median, iqr_ms=q75 - q25)
-    return out
+def temp_bytes(fn, *args) -> int:
+    return neuralode.measure.compiled_temp_bytes(fn.lower(*args).compile())
 
 
 def adaptive(repeats: int, quick: bool) -> list[dict]:
-    (params, static), y0 = _problem(128, 64 if quick else 256)
+    (params, static), y0 = problem(128, 64 if quick else 256)
     pid = diffrax.PIDController(rtol=1e-5, atol=1e-5)
     candidates = {}
     for max_steps in (256, 4096, 16384):
@@ -97,21 +85,21 @@ def adaptive(repeats: int, quick: bool) -> list[dict]:
             ("symplectic (checkpoints=4)", neuralode.SymplecticAdjoint(checkpoints=4)),
             ("RecursiveCheckpointAdjoint()", diffrax.RecursiveCheckpointAdjoint()),
         ]:
-            candidates[name, max_steps] = _gradient(
+            candidates[name, max_steps] = gradient(
                 adjoint, static, max_steps=max_steps, controller=pid
             )
-    candidates["backprop", 128] = _gradient(
+    candidates["backprop", 128] = gradient(
         neuralode.BackpropAdjoint(), static, max_steps=128, controller=pid
     )
-    candidates["RecursiveCheckpointAdjoint()", 128] = _gradient(
+    candidates["RecursiveCheckpointAdjoint()", 128] = gradient(
         diffrax.RecursiveCheckpointAdjoint(), static, max_steps=128, controller=pid
     )
-    times = _time(candidates, (params, y0), repeats)
+    times = timing.median_iqr(candidates, (params, y0), repeats)
     return [
         dict(
             strategy=name,
             max_steps=max_steps,
-            temp_bytes=_temp_bytes(fn, params, y0),
+            temp_bytes=temp_bytes(fn, params, y0),
             **times[name, max_steps],
         )
         for (name, max_steps), fn in candidates.items()
@@ -123,7 +111,7 @@ def _ladder(steps: int) -> list[int]:
 
 
 def plane(steps: int, repeats: int, quick: bool) -> list[dict]:
-    (params, static), y0 = _problem(128, 16 if quick else 32)
+    (params, static), y0 = problem(128, 16 if quick else 32)
     candidates = {
         "backprop": neuralode.BackpropAdjoint(),
         "symplectic (every step)": neuralode.SymplecticAdjoint(checkpoints="all"),
@@ -142,12 +130,12 @@ def plane(steps: int, repeats: int, quick: bool) -> list[dict]:
             diffrax.RecursiveCheckpointAdjoint(checkpoints=c)
         )
     fns = {
-        name: _gradient(adjoint, static, steps=steps, max_steps=steps)
+        name: gradient(adjoint, static, steps=steps, max_steps=steps)
         for name, adjoint in candidates.items()
     }
-    times = _time(fns, (params, y0), repeats)
+    times = timing.median_iqr(fns, (params, y0), repeats)
     rows = [
-        dict(strategy=name, temp_bytes=_temp_bytes(fn, params, y0), **times[name])
+        dict(strategy=name, temp_bytes=temp_bytes(fn, params, y0), **times[name])
         for name, fn in fns.items()
     ]
     flags = plane_.pareto([(r["temp_bytes"], r["ms"]) for r in rows])
@@ -157,17 +145,17 @@ def plane(steps: int, repeats: int, quick: bool) -> list[dict]:
 
 
 def wide(steps: int) -> list[dict]:
-    (params, static), y0 = _problem(512, 32)
+    (params, static), y0 = problem(512, 32)
     rows = []
     for c in _ladder(steps):
         for name, adjoint in [
             ("symplectic", neuralode.SymplecticAdjoint(checkpoints=c)),
             ("RecursiveCheckpointAdjoint", diffrax.RecursiveCheckpointAdjoint(c)),
         ]:
-            fn = _gradient(adjoint, static, steps=steps, max_steps=steps)
+            fn = gradient(adjoint, static, steps=steps, max_steps=steps)
             rows.append(
                 dict(
-                    strategy=name, checkpoints=c, temp_bytes=_temp_bytes(fn, params, y0)
+                    strategy=name, checkpoints=c, temp_bytes=temp_bytes(fn, params, y0)
                 )
             )
     return rows

@@ -37,8 +37,7 @@ import neuralode
 import neuralode.measure
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import checkpoints  # noqa: E402  (the interleaved timer)
-from reporting import script  # noqa: E402
+from reporting import script, timing  # noqa: E402
 
 DIM = 43
 SIZES = {
@@ -164,8 +163,7 @@ def gradient_fn(adjoint, max_steps):
 
 def xla_bytes(fn, *args) -> int:
     """Arguments, outputs and temporaries of the compiled gradient."""
-    m = fn.lower(*args).compile().compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
+    return neuralode.measure.compiled_total_bytes(fn.lower(*args).compile().compiled)
 
 
 def measure(size: dict) -> dict:
@@ -191,7 +189,7 @@ def measure(size: dict) -> dict:
             flow, x, noise, diffrax.RecursiveCheckpointAdjoint(), 4096
         )[0]
     )
-    times = checkpoints._time(
+    times = timing.median_iqr(
         {"forward solve": forward, **fns}, (flow, x, noise), size["repeats"]
     )
     rows.insert(

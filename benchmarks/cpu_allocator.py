@@ -43,14 +43,14 @@ def worker() -> dict:
 
     import neuralode
 
-    (params, static), y0 = checkpoints._problem(128, 256)
+    (params, static), y0 = checkpoints.problem(128, 256)
     pid = diffrax.PIDController(rtol=1e-5, atol=1e-5)
     fns = {
         "backprop": neuralode.BackpropAdjoint(),
         "RecursiveCheckpointAdjoint()": diffrax.RecursiveCheckpointAdjoint(),
     }
     fns = {
-        name: checkpoints._gradient(adjoint, static, max_steps=128, controller=pid)
+        name: checkpoints.gradient(adjoint, static, max_steps=128, controller=pid)
         for name, adjoint in fns.items()
     }
     out = {}
@@ -71,7 +71,7 @@ def worker() -> dict:
             ms=float(np.median(times[name])),
             iqr_ms=float(np.subtract(*np.percentile(times[name], [75, 25]))),
             faults_per_call=faults[name] / REPEATS,
-            temp_bytes=checkpoints._temp_bytes(fns[name], params, y0),
+            temp_bytes=checkpoints.temp_bytes(fns[name], params, y0),
         )
     return out
 
@@ -128,7 +128,7 @@ def main(argv=None):
         print(json.dumps(worker()))
         return
     result = dict(
-        device=f"{os.cpu_count()}-core CPU",
+        device=f"{os.cpu_count()}-core CPU",  # a CPU-only script; JAX only in its workers
         command="python benchmarks/cpu_allocator.py",
         settings={
             "glibc's defaults": run({}),

@@ -201,8 +201,8 @@ def compile_all(fns, params, y0, max_temp_bytes):
     from `fns` and listed as skipped."""
     temp, skipped = {}, []
     for name, fn in list(fns.items()):
-        temp[name] = int(
-            fn.lower(params, y0).compile().memory_analysis().temp_size_in_bytes
+        temp[name] = neuralode.measure.compiled_temp_bytes(
+            fn.lower(params, y0).compile()
         )
         if temp[name] > max_temp_bytes:
             del fns[name]

@@ -123,16 +123,13 @@ class Run:
         self.state = neuralode.training.TrainState.init(self.model, optimiser, key)
         tic = time.perf_counter()
         self.step = step.lower(self.state).compile()
-        m = self.step.memory_analysis()
         self.row = dict(
             strategy=name,
             reached=False,
             iterations=0,
             train_s=0.0,
             compile_s=time.perf_counter() - tic,
-            xla_bytes=int(
-                m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-            ),
+            xla_bytes=neuralode.measure.compiled_total_bytes(self.step),
             final_nll=float("nan"),
         )
         self.nll = eqx.filter_jit(lambda m: -jnp.mean(cnf.log_likelihood(m, test)[0]))

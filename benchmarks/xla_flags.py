@@ -21,8 +21,9 @@ import time
 
 from reporting.measure_jax import Measurer
 from reporting.problems import SIZES, plan
+from reporting.script import device_name
 from reporting.solve import config_gradient, flat_grads
-from reporting.workers import _env, run_worker
+from reporting.workers import run_worker, worker_env
 
 SETTINGS = {
     "default": "",
@@ -59,7 +60,9 @@ def measure(width: int, n_steps: int) -> list[dict]:
     def one(job):
         setting, strategy = job
         c = config(strategy, width, n_steps)
-        env = _env(XLA_FLAGS=SETTINGS[setting], XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        env = worker_env(
+            XLA_FLAGS=SETTINGS[setting], XLA_PYTHON_CLIENT_PREALLOCATE="false"
+        )
         deadline = time.perf_counter() + WORKER_TIMEOUT_S
         result, error = run_worker("error", c, env, deadline, script=__file__)
         return dict(c, setting=setting, xla_flags=SETTINGS[setting], error=error) | (
@@ -128,7 +131,7 @@ def main(argv=None):
     rows = measure(args.width, args.n_steps)
     import jax
 
-    device = jax.devices()[0].device_kind
+    device = device_name()
     print_table(rows, device, jax.__version__, args.width, args.n_steps)
     if args.out:
         with open(args.out, "w") as f:

@@ -59,6 +59,19 @@ def compiled_temp_bytes(compiled: jax.stages.Compiled) -> int:
     return int(analysis.temp_size_in_bytes)
 
 
+def compiled_total_bytes(compiled: jax.stages.Compiled) -> int:
+    """XLA's arguments, outputs and temporaries of a program already compiled: the
+    memory it needs in all, its inputs included."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        raise RuntimeError("this JAX backend gives no memory analysis of its programs")
+    return int(
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        + analysis.temp_size_in_bytes
+    )
+
+
 def peak_memory_bytes(
     device: jax.Device | None = None,  # pyright: ignore[reportInvalidTypeForm]
 ) -> int | None:
@@ -245,6 +258,7 @@ __all__ = [
     "function_evaluations",
     "median_time_ms",
     "compiled_temp_bytes",
+    "compiled_total_bytes",
     "peak_memory_bytes",
     "relative_error",
     "xla_temp_bytes",

@@ -75,6 +75,13 @@ def test_xla_temp_bytes_of_a_gradient_through_an_equinox_module():
     assert large - small >= 64 * 32 * 8
 
 
+def test_compiled_total_bytes_counts_inputs_outputs_and_temporaries():
+    x = jnp.ones((256, 64))  # float64: 128 KiB in, 128 KiB out
+    compiled = jax.jit(lambda x: jnp.sin(x) @ x.T @ x).lower(x).compile()
+    total = measure.compiled_total_bytes(compiled)
+    assert total == 2 * x.nbytes + measure.compiled_temp_bytes(compiled)
+
+
 def test_timing_and_peak_memory():
     ms = measure.median_time_ms(lambda: time.sleep(0.02), repeats=3)
     assert 20 <= ms < 1000

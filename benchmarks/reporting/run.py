@@ -134,7 +134,7 @@ def run_torch(unique, sizes, deadline, measurer):
         budget_s=deadline - time.perf_counter(),
     )
     result, error = workers.run_worker(
-        "torch", payload, workers._env(JAX_PLATFORMS="cpu"), deadline
+        "torch", payload, workers.worker_env(JAX_PLATFORMS="cpu"), deadline
     )
     if result is None:
         return [], {}, [f"{_name(c)}: torchdiffeq: {error}" for c in tconfigs]

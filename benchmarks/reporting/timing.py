@@ -28,6 +28,16 @@ def time_interleaved(fns: dict, args: tuple, repeats: int):
     return outputs, {name: np.asarray(t) for name, t in times.items()}
 
 
+def median_iqr(fns: dict, args: tuple, repeats: int) -> dict:
+    """{name: {ms: median, iqr_ms: interquartile range}} of interleaved runs."""
+    _, times = time_interleaved(fns, args, repeats)
+    out = {}
+    for name, t in times.items():
+        median, q25, q75 = quartiles(t)
+        out[name] = dict(ms=median, iqr_ms=q75 - q25)
+    return out
+
+
 def summary(times, reference=None) -> dict:
     """`time_ms` (median), `time_q25_ms`, `time_q75_ms` of per-round times, and, given
     the `reference`'s times of the same rounds, the median multiple `time_ratio` with

@@ -66,14 +66,14 @@ def measure_peaks(configs: list[dict], xla_bytes: dict, deadline: float):
     order = sorted(configs, key=lambda c: xla_bytes[config_key(c)])
     peaks, skipped = {}, []
     retry = []
-    result, error = run_worker("peak", order, _env(**PEAK_ENV), deadline)
+    result, error = run_worker("peak", order, worker_env(**PEAK_ENV), deadline)
     for c, r in zip(order, result or [{"error": error}] * len(order), strict=True):
         if r.get("error"):
             retry.append((c, r["error"]))
         else:
             peaks[config_key(c)] = r["peak_bytes"]
     for c, first_error in retry:
-        result, error = run_worker("peak", [c], _env(**PEAK_ENV), deadline)
+        result, error = run_worker("peak", [c], worker_env(**PEAK_ENV), deadline)
         if result and not result[0].get("error"):
             peaks[config_key(c)] = result[0]["peak_bytes"]
         else:
@@ -106,7 +106,7 @@ def run_worker(kind: str, payload, env: dict, deadline: float, script=None):
     return json.loads(lines[-1][len("RESULT ") :]), None
 
 
-def _env(**changes) -> dict:
+def worker_env(**changes) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env.update(changes)
@@ -117,7 +117,7 @@ def probe_backend() -> str:
     """JAX's default backend, asked in a fresh process (before this one imports JAX)."""
     proc = subprocess.run(
         [sys.executable, "-c", "import jax; print(jax.default_backend())"],
-        env=_env(),
+        env=worker_env(),
         capture_output=True,
         text=True,
         timeout=120,
